@@ -1,0 +1,256 @@
+"""Configuration stage: YAML loaded and validated once into typed, frozen objects, with one-line
+errors that name the key and the problem."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar, get_type_hints
+
+import yaml
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+HostPort = tuple[str, int]
+T = TypeVar("T")
+
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() is the one line shown to the operator."""
+
+
+# --- value parsers: each takes the raw YAML value and returns the typed one or raises ----------
+
+
+def duration(value: Any) -> float:
+    """`30s`, `5m`, `2h`, `3d` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (use 30s, 5m, 2h, 3d or seconds)")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = DURATION_RE.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (use 30s, 5m, 2h, 3d or seconds)")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def durations(value: Any) -> tuple[float, ...]:
+    items = _list(value)
+    if not items:
+        raise ValueError("must list at least one duration")
+    return tuple(_indexed(duration, items))
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    if value < 1:
+        raise ValueError(f"{value} must be at least 1")
+    return value
+
+
+def port(value: Any) -> int:
+    number = positive_int(value)
+    if number > 65535:
+        raise ValueError(f"{number} is not a TCP port (1-65535)")
+    return number
+
+
+def fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number")
+    if not 0 <= value < 1:
+        raise ValueError(f"{value} must be at least 0 and below 1")
+    return float(value)
+
+
+def hostname(value: Any) -> str:
+    if not isinstance(value, str) or not HOSTNAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a host name")
+    return value.rstrip(".")
+
+
+def host_port(value: Any) -> HostPort:
+    """`host:port`, `[v6]:port` or `v6addr` is not accepted without brackets."""
+    text = str(value).strip()
+    match = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if match is None:
+        raise ValueError(f"{value!r} is not host:port (write IPv6 as [::1]:25)")
+    host = match.group(1)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        hostname(host)
+    return host, port(int(match.group(2)))
+
+
+def host_ports(value: Any) -> tuple[HostPort, ...]:
+    return tuple(_indexed(host_port, _list(value)))
+
+
+def networks(value: Any) -> tuple[Network, ...]:
+    def network(item: Any) -> Network:
+        try:
+            return ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+
+    return tuple(_indexed(network, _list(value)))
+
+
+def path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a path")
+    return Path(value).expanduser().absolute()
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list")
+    return value
+
+
+def _indexed(parse: Callable[[Any], T], items: list[Any]) -> list[T]:
+    """Apply parse to each item, naming the failing index in the error."""
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append(parse(item))
+        except ValueError as exc:
+            raise ValueError(f"[{index}] {exc}") from None
+    return out
+
+
+def _opt(parse: Callable[[Any], Any], default: Any) -> Any:
+    """A dataclass field with its YAML parser and default."""
+    return field(default=default, metadata={"parse": parse})
+
+
+# --- the typed configuration --------------------------------------------------------------------
+
+FQDN = socket.getfqdn()
+
+
+@dataclass(frozen=True)
+class SmtpConfig:
+    listen: tuple[HostPort, ...] = _opt(host_ports, (("127.0.0.1", 2525),))
+    hostname: str = _opt(hostname, FQDN)
+    max_message_size: int = _opt(positive_int, 26_214_400)
+    max_recipients: int = _opt(positive_int, 100)
+    relay_networks: tuple[Network, ...] = _opt(
+        networks, (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    )
+    # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+    idle_timeout: float = _opt(duration, 300.0)
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    path: Path = _opt(path, Path("/var/spool/relay"))
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[HostPort, ...] = _opt(host_ports, ())
+    timeout: float = _opt(duration, 5.0)
+    max_queries: int = _opt(positive_int, 50)
+    max_cache_ttl: float = _opt(duration, 3600.0)
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    schedule: tuple[float, ...] = _opt(durations, (300.0, 1800.0, 7200.0, 21600.0, 43200.0))
+    max_age: float = _opt(duration, 259_200.0)
+    jitter: float = _opt(fraction, 0.1)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    port: int = _opt(port, 25)
+    helo_name: str = _opt(hostname, FQDN)
+    concurrency: int = _opt(positive_int, 100)
+    connect_timeout: float = _opt(duration, 30.0)
+    # RFC 5321 §4.5.3.2: 5 minutes per command; §4.5.3.2.6: 10 minutes after the final dot.
+    command_timeout: float = _opt(duration, 300.0)
+    data_timeout: float = _opt(duration, 600.0)
+    # Backstop for lost wake-ups: how often the scheduler rescans the queue directory.
+    scan_interval: float = _opt(duration, 30.0)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort = _opt(host_port, ("127.0.0.1", 9025))
+
+
+@dataclass(frozen=True)
+class Config:
+    smtp: SmtpConfig = field(default_factory=SmtpConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def load(file: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a YAML file (None: the embedded defaults); ConfigError on any problem."""
+    if file is None:
+        return Config()
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{file}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not UTF-8 text") from None
+    return parse(text, str(file))
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{source}:{where} {problem}") from None
+    if data is None:
+        data = {}
+    return _build(Config, data, "")
+
+
+def _build(cls: type[T], data: Any, prefix: str) -> T:
+    """Build dataclass cls from a mapping, parsing each known key and rejecting unknown ones."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    assert is_dataclass(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(map(str, data)) - set(known))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(known)})")
+    hints = get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        spec = known[str(name)]
+        key = f"{prefix}{name}"
+        if is_dataclass(hints[spec.name]):
+            values[spec.name] = _build(hints[spec.name], value, key + ".")
+            continue
+        try:
+            values[spec.name] = spec.metadata["parse"](value)
+        except ValueError as exc:
+            raise ConfigError(f"{key}: {exc}") from None
+    return cls(**values)
+

@@ -1,0 +1,1 @@
+"""Test suite for relay: real sockets on loopback, a real DNS server, the real daemon."""
