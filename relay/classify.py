@@ -80,6 +80,8 @@ def _is_throttle(reply: Reply) -> bool:
     """421 (RFC 5321 §3.8), 4.7.28 (RFC 7372 rate limit) or rate wording in a 4xx reply."""
     if reply.code == 421 or reply.enhanced == "4.7.28":
         return True
-    return reply.code is not None and 400 <= reply.code < 500 and bool(
-        THROTTLE_WORDS.search(reply.text)
+    return (
+        reply.code is not None
+        and 400 <= reply.code < 500
+        and bool(THROTTLE_WORDS.search(reply.text))
     )

@@ -1,0 +1,254 @@
+"""Control stage, command line: `relay serve`, `check-config`, and the postqueue/postsuper-like
+`queue` and `dlq` commands, each failing with one line that names the problem."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from relay import config, control, daemon
+from relay.spool import DEAD, QUEUE, Message, Spool, SpoolError, is_id, iter_messages
+
+DEFAULT_CONFIG = "/etc/relay/relay.yaml"
+EX_USAGE, EX_CONFIG = 2, 78  # sysexits.h; systemd can use RestartPreventExitStatus=78
+
+
+class Fail(Exception):
+    """A one-line error for the operator, with the exit status to use."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise Fail(f"{self.prog}: {message} (see --help)", EX_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--config", metavar="FILE",
+        help=f"YAML configuration (default: $RELAY_CONFIG, else {DEFAULT_CONFIG} if it exists, "
+        "else the built-in defaults)",
+    )  # fmt: skip
+    parser = Parser(prog="relay", description="Self-hosted SMTP relay daemon.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub.add_parser("serve", parents=[common], help="run the relay (supervisor, intake, scheduler)")
+    sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    worker = sub.add_parser("worker", parents=[common])
+    worker.add_argument("role", choices=daemon.ROLES)
+    for name, where in (("queue", "queued messages"), ("dlq", "the dead-letter spool")):
+        group = sub.add_parser(name, help=f"inspect and steer {where}").add_subparsers(
+            dest="action", required=True, parser_class=Parser
+        )
+        listing = group.add_parser("list", parents=[common], help=f"list {where}")
+        listing.add_argument("--json", action="store_true", help="print one JSON array")
+        group.add_parser("show", parents=[common], help="show one message").add_argument("id")
+        actions = {"queue": ("flush", "delete"), "dlq": ("requeue", "delete")}[name]
+        for action in actions:
+            cmd = group.add_parser(action, parents=[common], help=f"{action} ID or ALL")
+            cmd.add_argument("target", metavar="ID|ALL", nargs="?" if action == "flush" else None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except Fail as exc:
+        print(f"relay: {exc}" if not str(exc).startswith("relay") else str(exc), file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    config_file = args.config or os.environ.get("RELAY_CONFIG")
+    if config_file is None and Path(DEFAULT_CONFIG).exists():
+        config_file = DEFAULT_CONFIG
+    try:
+        cfg = config.load(config_file)
+    except config.ConfigError as exc:
+        raise Fail(f"configuration error: {exc}", EX_CONFIG) from None
+    if args.command == "check-config":
+        print(f"relay: configuration OK ({config_file or 'built-in defaults'})")
+        return 0
+    if args.command == "serve":
+        try:
+            return daemon.serve(config_file, cfg)
+        except daemon.StartupError as exc:
+            raise Fail(str(exc)) from None
+    if args.command == "worker":
+        return daemon.worker(args.role, cfg)
+    spool = Spool(cfg.spool.path)
+    if not spool.root.is_dir():
+        raise Fail(f"spool {spool.root} does not exist (has the relay run with this config?)")
+    try:
+        return COMMANDS[(args.command, args.action)](spool, args)
+    except (OSError, SpoolError, control.ControlError) as exc:
+        raise Fail(str(exc)) from None
+
+
+# --- listing ----------------------------------------------------------------------------------
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return (
+        datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
+
+
+def item(msg: Message, where: str) -> dict[str, Any]:
+    """The JSON shape of one queued or dead-lettered message."""
+    recipients = []
+    for rcpt in msg.recipients:
+        data = rcpt.as_dict()
+        data["first_attempt"], data["last_attempt"] = (
+            iso(rcpt.first_attempt),
+            iso(rcpt.last_attempt),
+        )
+        recipients.append(data)
+    out: dict[str, Any] = {
+        "id": msg.id,
+        "sender": msg.sender,
+        "recipients": recipients,
+        "attempts": max((r.attempts for r in msg.recipients), default=0),
+        "queued_at": iso(msg.queued_at),
+        "size": msg.size,
+    }
+    if where == QUEUE:
+        out["next_attempt"] = iso(msg.next_attempt)
+    else:
+        reasons = {r["reason"] for r in recipients if "reason" in r}
+        out["reason"] = reasons.pop() if len(reasons) == 1 else "mixed"
+        out["dead_lettered_at"] = iso(msg.dead_at)
+    return out
+
+
+def list_entries(spool: Spool, args: argparse.Namespace) -> int:
+    where = QUEUE if args.command == "queue" else DEAD
+    messages = list(iter_messages(spool, where))
+    if args.json:
+        print(json.dumps([item(m, where) for m in messages], indent=2))
+        return 0
+    print(render(messages, where))
+    return 0
+
+
+def render(messages: list[Message], where: str) -> str:
+    """A mailq-style listing: id, size, arrival, sender, then each recipient and why it waits."""
+    if not messages:
+        return "Mail queue is empty" if where == QUEUE else "Dead-letter spool is empty"
+    lines = [f"{'-Queue ID-':<21}{'--Size--':>9} {'----Arrival Time----':<21}-Sender/Recipient-"]
+    for msg in messages:
+        arrival = datetime.fromtimestamp(msg.queued_at, UTC).strftime("%a %b %d %H:%M:%S")
+        lines.append(f"{msg.id:<21}{msg.size:>9} {arrival:<21}{msg.sender or '<>'}")
+        for rcpt in msg.recipients:
+            if where == DEAD and not rcpt.final:
+                continue
+            if rcpt.reply is not None and rcpt.status != "delivered":
+                lines.append(f"{'':>52}({rcpt.status}: {rcpt.reply})")
+            lines.append(
+                f"{'':>52}{rcpt.address}" + (" (delivered)" * (rcpt.status == "delivered"))
+            )
+        lines.append("")
+    total = sum(m.size for m in messages)
+    lines.append(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} Requests.")
+    return "\n".join(lines)
+
+
+def show(spool: Spool, args: argparse.Namespace) -> int:
+    where = QUEUE if args.command == "queue" else DEAD
+    msg_id = checked_id(args.id, allow_all=False)
+    msg = spool.load(msg_id, where)
+    data = item(msg, where)
+    data["client"] = msg.client
+    data["content"] = str(spool.content_path(msg_id))
+    data["headers"] = headers(spool.content_path(msg_id))
+    print(json.dumps(data, indent=2))
+    return 0
+
+
+def headers(path: Path, limit: int = 200) -> list[str]:
+    """The message's header lines (unfolded as stored), for `show`."""
+    lines: list[str] = []
+    with path.open("rb") as fh:
+        for raw in fh:
+            if raw in (b"\r\n", b"\n") or len(lines) >= limit:
+                break
+            lines.append(raw.decode("utf-8", "replace").rstrip("\r\n"))
+    return lines
+
+
+# --- actions ----------------------------------------------------------------------------------
+
+
+def checked_id(text: str | None, *, allow_all: bool) -> str:
+    if text is None or (allow_all and text == "ALL"):
+        return "ALL"
+    if not is_id(text):
+        hint = " or ALL" if allow_all else ""
+        raise Fail(f"{text!r} is not a queue id (20 hex digits{hint})", EX_USAGE)
+    return text
+
+
+def act(spool: Spool, args: argparse.Namespace) -> int:
+    """flush/delete/requeue through the daemon (or the spool if it is stopped)."""
+    target = checked_id(args.target, allow_all=True)
+    if (args.command, args.action) == ("dlq", "delete"):
+        result = delete_dead(spool, target)
+    else:
+        result = control.request(spool, args.action, target)
+    return report(args.action, target, result)
+
+
+def delete_dead(spool: Spool, target: str) -> dict[str, list[str]]:
+    """Dead-letter records are not the scheduler's: deleting one is a spool operation."""
+    result: dict[str, list[str]] = {"done": [], "missing": []}
+    for msg_id in spool.ids(DEAD) if target == "ALL" else [target]:
+        if not spool.state_path(msg_id, DEAD).exists():
+            result["missing"].append(msg_id)
+            continue
+        spool.remove(msg_id, DEAD)
+        result["done"].append(msg_id)
+    return result
+
+
+PAST = {"flush": "flushed", "delete": "deleted", "requeue": "requeued"}
+
+
+def report(action: str, target: str, result: dict[str, list[str]]) -> int:
+    done, busy, missing = result.get("done", []), result.get("busy", []), result.get("missing", [])
+    print(f"relay: {PAST[action]} {len(done)} message{'s' * (len(done) != 1)}")
+    if busy:
+        when = {"delete": "will be deleted when it ends", "requeue": "try again when it ends"}
+        print(f"relay: in a delivery attempt now, {when[action]}: {' '.join(busy)}")
+    if missing and target != "ALL":
+        raise Fail(f"no such message: {' '.join(missing)}")
+    return 0
+
+
+COMMANDS: dict[tuple[str, str], Callable[[Spool, argparse.Namespace], int]] = {
+    ("queue", "list"): list_entries,
+    ("queue", "show"): show,
+    ("queue", "flush"): act,
+    ("queue", "delete"): act,
+    ("dlq", "list"): list_entries,
+    ("dlq", "show"): show,
+    ("dlq", "requeue"): act,
+    ("dlq", "delete"): act,
+}

@@ -1,0 +1,167 @@
+"""Control stage: queue operations for the CLI, sent over the admin socket to a running
+scheduler, or applied to the spool directly when the daemon is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from relay.scheduler import Scheduler
+from relay.spool import DEAD, QUEUE, Spool, SpoolError
+
+CONTROL_SOCKET = "control.sock"
+WAKE_SOCKET = "wake.sock"
+DAEMON_LOCK = "daemon.lock"
+OPS = ("flush", "delete", "requeue")
+Result = dict[str, list[str]]
+
+
+class ControlError(Exception):
+    """The daemon could not be reached or the request was refused; str() is one line."""
+
+
+# --- the daemon's side ------------------------------------------------------------------------
+
+
+async def serve(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
+    """Answer one JSON request line per connection: {"op": ..., "target": ID|"ALL"}."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await reader.readline())
+            reply: dict[str, Any] = await _execute(scheduler, spool, request)
+        except Exception as exc:  # a malformed request must not take the scheduler down
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    address = spool.socket_address(CONTROL_SOCKET)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    return await asyncio.start_unix_server(handle, address)
+
+
+async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) -> Result:
+    op, target = request["op"], request["target"]
+    if op == "flush":
+        return scheduler.flush(target)
+    if op == "delete":
+        return await scheduler.delete(target)
+    if op == "requeue":
+        result: Result = {"done": [], "busy": [], "missing": []}
+        ids = spool.ids(DEAD) if target == "ALL" else [target]
+        for msg_id in ids:
+            result[await scheduler.requeue(msg_id)].append(msg_id)
+        return result
+    raise ValueError(f"unknown op {op!r}")
+
+
+async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.DatagramTransport:
+    """Intake's wake-up datagrams (a queue id each) make new mail due within milliseconds."""
+
+    class Wake(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            task = asyncio.ensure_future(scheduler.adopt(data.decode("ascii", "replace")))
+            scheduler.tasks.add(task)
+            task.add_done_callback(scheduler.tasks.discard)
+
+    address = spool.socket_address(WAKE_SOCKET)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Wake, sock=sock)
+    return transport
+
+
+@contextlib.contextmanager
+def daemon_lock(spool: Spool, wait: float) -> Iterator[bool]:
+    """Hold the spool's daemon lock; yields False (holding nothing) if it stayed busy for
+    `wait` seconds. The supervisor holds it for its lifetime, an offline CLI for one command."""
+    fd = os.open(spool.run_path(DAEMON_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        yield True
+    finally:
+        os.close(fd)
+
+
+# --- the CLI's side ---------------------------------------------------------------------------
+
+
+def request(spool: Spool, op: str, target: str) -> Result:
+    """Run op on target ("ALL" or a queue id) live if the daemon runs, else on the spool."""
+    if not spool.run_path("").exists():
+        raise ControlError(f"{spool.root} is not a relay spool (no run/ directory)")
+    with daemon_lock(spool, wait=0) as offline:
+        if offline:
+            return _offline(spool, op, target)
+    return _live(spool, {"op": op, "target": target})
+
+
+def _live(spool: Spool, message: dict[str, str], timeout: float = 10.0) -> Result:
+    """Ask the running scheduler; it may be restarting, so retry for a few seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _ask(spool.socket_address(CONTROL_SOCKET), message, timeout)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() > deadline:
+                raise ControlError(f"the daemon is running but not answering: {exc}") from None
+            time.sleep(0.2)
+
+
+def _ask(address: str, message: dict[str, str], timeout: float) -> Result:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline() or b"{}")
+    if "error" in reply:
+        raise ControlError(f"the daemon refused the request: {reply['error']}")
+    return {k: list(v) for k, v in reply.items()}
+
+
+def _offline(spool: Spool, op: str, target: str) -> Result:
+    """The same operations on a stopped daemon's spool, under its lock."""
+    where = DEAD if op == "requeue" else QUEUE
+    result: Result = {"done": [], "busy": [], "missing": []}
+    for msg_id in spool.ids(where) if target == "ALL" else [target]:
+        try:
+            _apply_offline(spool, op, msg_id)
+        except SpoolError:
+            result["missing"].append(msg_id)
+            continue
+        result["done"].append(msg_id)
+    return result
+
+
+def _apply_offline(spool: Spool, op: str, msg_id: str) -> None:
+    if op == "requeue":
+        spool.requeue(msg_id, time.time())
+        return
+    msg = spool.load(msg_id)  # raises SpoolError if it is not queued
+    if op == "delete":
+        spool.remove(msg_id)
+    else:
+        msg.next_attempt = time.time()
+        spool.save(msg)

@@ -1,0 +1,244 @@
+"""Intake stage: the aiosmtpd SMTP dialogue, relay policy and limits, the Received: header, and
+the durable write that comes before `250 queued as <id>`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import ipaddress
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+
+from relay import logs
+from relay.config import Config
+from relay.spool import Message, Recipient, Spool, new_id
+
+# RFC 2034 §3: every reply but the greeting, EHLO/HELO, 354 and 334 carries an enhanced code.
+ENHANCED_RE = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+DEFAULT_ENHANCED = {
+    221: "2.0.0", 250: "2.0.0", 421: "4.3.2", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1",
+    454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+    530: "5.7.0", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
+}  # fmt: skip
+# aiosmtpd's own wording for the RFC 1870 size limit, replaced by the RFC 3463 one.
+REWRITES = {
+    b"552 Error: Too much mail data": b"552 5.3.4 Message too big for system",
+    b"552 Error: message size exceeds fixed maximum message size": (
+        b"552 5.3.4 Message size exceeds fixed maximum message size"
+    ),
+}
+DOMAIN_RE = re.compile(
+    r"^([A-Za-z0-9\u0080-\U0010ffff]([A-Za-z0-9\u0080-\U0010ffff-]{0,61}"
+    r"[A-Za-z0-9\u0080-\U0010ffff])?\.)*[A-Za-z0-9\u0080-\U0010ffff]"
+    r"([A-Za-z0-9\u0080-\U0010ffff-]{0,61}[A-Za-z0-9\u0080-\U0010ffff])?$"
+)
+BARE_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+
+REPLY_QUEUED = "250 2.0.0 queued as {}"
+REPLY_RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
+REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_BAD_ADDRESS = "501 5.1.3 Bad {} address syntax"
+REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
+REPLY_BARE_LINE_END = "550 5.6.0 Message contains bare CR or LF (RFC 5321 §2.3.8)"
+REPLY_LOCAL_ERROR = "451 4.3.0 Error: queue file write error, try again later"
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's server with RFC 3463 enhanced codes on the replies it writes by itself."""
+
+    _plain_reply = False
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        await super().push(self._enhance(REWRITES.get(raw, raw)))
+
+    def _enhance(self, reply: bytes) -> bytes:
+        code = int(reply[:3]) if reply[:3].isdigit() else 0
+        enhanced = DEFAULT_ENHANCED.get(code)
+        if self._plain_reply or enhanced is None or ENHANCED_RE.match(reply):
+            return reply
+        return reply[:4] + enhanced.encode() + b" " + reply[4:]
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._greeting_command(super().smtp_EHLO, hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._greeting_command(super().smtp_HELO, hostname)
+
+    async def _greeting_command(self, command: Callable[[str], Any], hostname: str) -> None:
+        """EHLO/HELO replies carry no enhanced code (RFC 2034 §3)."""
+        self._plain_reply = True
+        try:
+            await command(hostname)
+        finally:
+            self._plain_reply = False
+
+
+class IntakeHandler:
+    """aiosmtpd hooks: relay policy at RCPT, limits, the durable write at DATA."""
+
+    def __init__(self, cfg: Config, spool: Spool, notify: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.notify = notify
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        # RFC 2920 and RFC 2034: aiosmtpd supports both but does not advertise them.
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        # RFC 5321 §4.5.5: the null reverse-path "<>" is how bounces are sent.
+        problem = address_problem(address.strip("<>"), envelope.smtp_utf8, allow_empty=True)
+        if problem:
+            return problem.format("sender")
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        if not self.may_relay(peer_ip(session)):
+            logs.event("rejected", reason="relay_denied", client=peer_ip(session), rcpt=address)
+            return REPLY_RELAY_DENIED.format(address)
+        problem = address_problem(address, envelope.smtp_utf8, allow_empty=False)
+        if problem:
+            return problem.format("recipient")
+        if len(envelope.rcpt_tos) >= self.cfg.smtp.max_recipients:
+            return REPLY_TOO_MANY_RCPTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 Ok"
+
+    def may_relay(self, peer: str) -> bool:
+        """RFC 5321 §3.6.2 relaying: only clients inside relay_networks (no open relay)."""
+        address = ipaddress.ip_address(peer.partition("%")[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in net for net in self.cfg.smtp.relay_networks)
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content: bytes = envelope.original_content or b""
+        if BARE_LINE_END.search(content):
+            logs.event("rejected", reason="bare_line_end", client=peer_ip(session))
+            return REPLY_BARE_LINE_END
+        msg = self._message(session, envelope, len(content))
+        header = received_header(self.cfg.smtp.hostname, session, envelope, msg.id)
+        msg.size += len(header)
+        try:
+            await asyncio.to_thread(self.spool.accept, msg, (header, content))
+        except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
+            logs.event("error", level="error", stage="intake", id=msg.id, error=repr(exc))
+            return REPLY_LOCAL_ERROR
+        self.notify(msg.id)
+        logs.event(
+            "received", id=msg.id, sender=msg.sender, rcpts=len(msg.recipients),
+            size=msg.size, client=peer_ip(session),
+        )  # fmt: skip
+        return REPLY_QUEUED.format(msg.id)
+
+    def _message(self, session: Session, envelope: Envelope, size: int) -> Message:
+        now = time.time()
+        return Message(
+            id=new_id(),
+            sender="" if envelope.mail_from in ("<>", None) else envelope.mail_from,
+            recipients=[Recipient(address) for address in envelope.rcpt_tos],
+            queued_at=now,
+            next_attempt=now,
+            size=size,
+            smtputf8=envelope.smtp_utf8,
+            client={"ip": peer_ip(session), "helo": session.host_name or ""},
+        )
+
+
+def peer_ip(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0] if isinstance(peer, tuple) else peer)
+
+
+def address_problem(address: str, smtputf8: bool, *, allow_empty: bool) -> str | None:
+    """The reply template for an unusable envelope address, or None (RFC 5321 §4.1.2)."""
+    if not address:
+        return None if allow_empty else REPLY_BAD_ADDRESS
+    if not smtputf8 and not address.isascii():
+        return REPLY_NEEDS_SMTPUTF8
+    local, at, domain = address.rpartition("@")
+    if not at or not local or len(address) > 254:
+        return REPLY_BAD_ADDRESS
+    if domain.startswith("[") and domain.endswith("]"):
+        return None if _is_address_literal(domain[1:-1]) else REPLY_BAD_ADDRESS
+    return None if DOMAIN_RE.match(domain) else REPLY_BAD_ADDRESS
+
+
+def _is_address_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text[5:] if text.upper().startswith("IPV6:") else text)
+    except ValueError:
+        return False
+    return True
+
+
+def received_header(hostname: str, session: Session, envelope: Envelope, msg_id: str) -> bytes:
+    """The trace header of RFC 5321 §4.4 (with RFC 6531's UTF8SMTP where used)."""
+    protocol = "ESMTP" if session.extended_smtp else "SMTP"
+    if envelope.smtp_utf8:
+        protocol = "UTF8SMTP"
+    helo = " ".join((session.host_name or "unknown").split())
+    rcpts = envelope.rcpt_tos
+    recipient = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
+    date = email.utils.format_datetime(email.utils.localtime())
+    header = (
+        f"Received: from {helo} ([{peer_ip(session)}])\r\n"
+        f"\tby {hostname} (relay) with {protocol} id {msg_id}{recipient};\r\n\t{date}\r\n"
+    )
+    return header.encode("utf-8")
+
+
+class Notifier:
+    """Best-effort wake-up datagram to the scheduler; its periodic scan covers a lost one."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+
+    def __call__(self, msg_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.sendto(msg_id.encode(), self.address)
+
+
+async def serve(cfg: Config, spool: Spool, notify: Callable[[str], None]) -> list[asyncio.Server]:
+    """Bind every listener in smtp.listen; an unbindable address raises OSError."""
+    handler = IntakeHandler(cfg, spool, notify)
+    loop = asyncio.get_running_loop()
+
+    def factory() -> RelaySMTP:
+        return RelaySMTP(
+            handler,
+            data_size_limit=cfg.smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=cfg.smtp.hostname,
+            ident="relay",
+            timeout=cfg.smtp.idle_timeout,
+        )
+
+    return [await loop.create_server(factory, host, port) for host, port in cfg.smtp.listen]

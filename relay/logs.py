@@ -1,0 +1,52 @@
+"""Observation stage: structlog JSON lines on stdout and the fixed vocabulary of log events."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+from relay.classify import Reply
+
+# The whole vocabulary; every event the relay logs is one of these words.
+EVENTS = frozenset(
+    {
+        # mail flow
+        "received", "rejected", "attempt", "delivered", "deferred", "failed", "expired",
+        "dead_lettered", "requeued", "deleted", "flushed",
+        # spool and lifecycle
+        "quarantined", "recovered", "started", "ready", "stopping", "stopped",
+        "child_exited", "child_restarting", "error",
+    }
+)  # fmt: skip
+
+
+def configure(process: str) -> None:
+    """JSON lines on stdout, one per event, tagged with the process role."""
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            structlog.processors.JSONRenderer(),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(process=process)
+
+
+def event(name: str, **fields: Any) -> None:
+    """Log one event from the vocabulary (level= info unless given); a reply is flattened to
+    its code, enhanced code and text."""
+    level = fields.pop("level", "info")
+    if name not in EVENTS:
+        raise ValueError(f"log event {name!r} is not in the vocabulary")
+    reply = fields.pop("reply", None)
+    if isinstance(reply, Reply):
+        fields.update(reply=str(reply), code=reply.code, enhanced=reply.enhanced)
+    getattr(structlog.get_logger(), level)(name, **fields)

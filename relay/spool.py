@@ -1,0 +1,368 @@
+"""Spool stage: the on-disk queue (content, state, dead letters), its atomic transitions and its
+start-up recovery; the only module that touches spool files."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from relay import logs
+from relay.classify import Reply
+
+FORMAT_VERSION = 1
+ID_RE = re.compile(r"^[0-9a-f]{20}$")
+QUEUE, DEAD, MSG, TMP, CORRUPT, RUN = "queue", "dead", "msg", "tmp", "corrupt", "run"
+STATE_SUFFIX = ".json"
+FINAL = frozenset({"delivered", "failed", "expired"})
+FAILED = frozenset({"failed", "expired"})
+
+
+class SpoolError(Exception):
+    """A spool operation failed (I/O, missing entry, unreadable state)."""
+
+
+class CorruptEntry(SpoolError):
+    """A state file exists but cannot be parsed or is inconsistent."""
+
+
+def new_id() -> str:
+    """Sortable by arrival (48-bit milliseconds) and unique (32 random bits); safe as file name."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(4)}"
+
+
+def is_id(text: str) -> bool:
+    return ID_RE.match(text) is not None
+
+
+@dataclass
+class Recipient:
+    """One envelope recipient and everything known about its delivery."""
+
+    address: str
+    status: str = "queued"  # queued | deferred | delivered | failed | expired
+    attempts: int = 0
+    first_attempt: float | None = None
+    last_attempt: float | None = None
+    reply: Reply | None = None
+    mx: str | None = None
+    ip: str | None = None
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dict(vars(self))
+        data["domain"] = self.domain
+        data["reply"] = self.reply.as_dict() if self.reply else None
+        if self.status in FAILED:
+            data["reason"] = "permanent" if self.status == "failed" else "expired"
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipient:
+        reply = data.get("reply")
+        return cls(
+            address=str(data["address"]),
+            status=str(data.get("status", "queued")),
+            attempts=int(data.get("attempts", 0)),
+            first_attempt=data.get("first_attempt"),
+            last_attempt=data.get("last_attempt"),
+            reply=Reply.from_dict(reply) if reply else None,
+            mx=data.get("mx"),
+            ip=data.get("ip"),
+        )
+
+
+@dataclass
+class Message:
+    """The envelope and delivery state of one queued message (never its content)."""
+
+    id: str
+    sender: str
+    recipients: list[Recipient]
+    queued_at: float
+    next_attempt: float
+    size: int = 0
+    attempts: int = 0
+    smtputf8: bool = False
+    client: dict[str, str] = field(default_factory=dict)
+    dead_at: float | None = None
+    requeued_at: float | None = None  # a requeue from the dead letters starts a fresh max_age
+
+    @property
+    def born(self) -> float:
+        """Start of the message's max_age window."""
+        return self.requeued_at or self.queued_at
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if not r.final]
+
+    def failed(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.status in FAILED]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dict(vars(self))
+        data["version"] = FORMAT_VERSION
+        data["recipients"] = [r.as_dict() for r in self.recipients]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Message:
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unknown format version {data.get('version')!r}")
+        recipients = [Recipient.from_dict(r) for r in data["recipients"]]
+        if not recipients:
+            raise ValueError("no recipients")
+        return cls(
+            id=str(data["id"]),
+            sender=str(data["sender"]),
+            recipients=recipients,
+            queued_at=float(data["queued_at"]),
+            next_attempt=float(data["next_attempt"]),
+            size=int(data.get("size", 0)),
+            attempts=int(data.get("attempts", 0)),
+            smtputf8=bool(data.get("smtputf8", False)),
+            client=dict(data.get("client") or {}),
+            dead_at=data.get("dead_at"),
+            requeued_at=data.get("requeued_at"),
+        )
+
+
+class Spool:
+    """A spool directory; see docs/spool.md for the format and the order of every write."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._run_fd: int | None = None
+
+    # --- layout ------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Create the directory tree (0700) if it does not exist yet."""
+        for name in (QUEUE, DEAD, MSG, TMP, CORRUPT, RUN):
+            (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def content_path(self, msg_id: str) -> Path:
+        return self.root / MSG / msg_id
+
+    def state_path(self, msg_id: str, where: str = QUEUE) -> Path:
+        return self.root / where / f"{msg_id}{STATE_SUFFIX}"
+
+    def run_path(self, name: str) -> Path:
+        return self.root / RUN / name
+
+    def socket_address(self, name: str) -> str:
+        """A path for a UNIX socket in run/ that fits sun_path (108 bytes) however deep the
+        spool is, through this process's descriptor of the run/ directory when needed."""
+        full = str(self.run_path(name))
+        if len(full) < 100:
+            return full
+        if self._run_fd is None:
+            self._run_fd = os.open(self.root / RUN, os.O_RDONLY | os.O_DIRECTORY)
+        return f"/proc/self/fd/{self._run_fd}/{name}"
+
+    def ids(self, where: str = QUEUE) -> list[str]:
+        """Ids with a state file in `where`, oldest first."""
+        names = os.listdir(self.root / where)
+        return sorted(n[: -len(STATE_SUFFIX)] for n in names if n.endswith(STATE_SUFFIX))
+
+    # --- intake ------------------------------------------------------------------------------
+
+    def accept(self, msg: Message, content: Sequence[bytes]) -> None:
+        """Make a new message durable: content first, then its state, each fsync'd and renamed.
+
+        The state file appears last, so the scheduler never sees a message whose content is
+        not on disk (DESIGN invariant 1). Blocking: call it from a worker thread.
+        """
+        try:
+            self._write(self.content_path(msg.id), content)
+            self._write(self.state_path(msg.id), [_encode(msg)])
+        except BaseException:
+            self._discard(msg.id)
+            raise
+
+    def _discard(self, msg_id: str) -> None:
+        """Undo a failed accept; what cannot be removed now is removed by recover()."""
+        for path in (self.state_path(msg_id), self.content_path(msg_id)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    # --- state -------------------------------------------------------------------------------
+
+    def load(self, msg_id: str, where: str = QUEUE) -> Message:
+        path = self.state_path(msg_id, where)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise SpoolError(f"{msg_id}: not in {where}") from None
+        except OSError as exc:
+            raise SpoolError(f"{msg_id}: cannot read {path}: {exc.strerror}") from None
+        try:
+            msg = Message.from_dict(json.loads(raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptEntry(f"{path}: {exc}") from None
+        if msg.id != msg_id:
+            raise CorruptEntry(f"{path}: holds id {msg.id!r}")
+        return msg
+
+    def save(self, msg: Message) -> None:
+        """Atomically replace the queue state of msg (write temp, fsync, rename, fsync dir)."""
+        self._write(self.state_path(msg.id), [_encode(msg)])
+
+    def dead_letter(self, msg: Message) -> Message:
+        """Merge msg's failed recipients into its dead-letter record; idempotent.
+
+        The queue state is saved first by the caller, so a crash in between is repaired by
+        calling this again when the message is next loaded.
+        """
+        record = self._dead_record(msg)
+        known = {r.address: r for r in record.recipients}
+        fresh = [r for r in msg.failed() if known.get(r.address) != r]
+        if not fresh:
+            return record
+        for rcpt in fresh:
+            known[rcpt.address] = rcpt
+        record.recipients = list(known.values())
+        record.dead_at = time.time()
+        self._write(self.state_path(msg.id, DEAD), [_encode(record)])
+        return record
+
+    def _dead_record(self, msg: Message) -> Message:
+        try:
+            return self.load(msg.id, DEAD)
+        except CorruptEntry:
+            raise
+        except SpoolError:
+            fields = {**vars(msg), "recipients": []}
+            return Message(**fields)
+
+    def remove(self, msg_id: str, where: str = QUEUE) -> None:
+        """Remove a queue or dead-letter entry; its content goes when no other entry needs it."""
+        other = DEAD if where == QUEUE else QUEUE
+        _unlink(self.state_path(msg_id, where))
+        if not self.state_path(msg_id, other).exists():
+            _unlink(self.content_path(msg_id))
+        _fsync_dir(self.root / where)
+
+    def requeue(self, msg_id: str, now: float) -> Message:
+        """Move a dead-letter record's recipients back into the queue, due now.
+
+        If the message still has live recipients in the queue they are kept; the failed ones
+        come back as queued with their history (attempt counts, last reply) intact.
+        """
+        record = self.load(msg_id, DEAD)
+        try:
+            msg = self.load(msg_id)
+        except CorruptEntry:
+            raise
+        except SpoolError:
+            msg = record
+        revived = {r.address for r in record.recipients}
+        for rcpt in msg.recipients:
+            if rcpt.address in revived:
+                rcpt.status = "queued"
+        msg.dead_at, msg.next_attempt, msg.attempts, msg.requeued_at = None, now, 0, now
+        self.save(msg)
+        _unlink(self.state_path(msg_id, DEAD))
+        _fsync_dir(self.root / DEAD)
+        return msg
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def quarantine(self, msg_id: str, where: str, reason: str) -> None:
+        """Move an unreadable state file and its content into corrupt/, with a log line."""
+        target = self.root / CORRUPT
+        for path in (self.state_path(msg_id, where), self.content_path(msg_id)):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(path, target / f"{where}.{path.name}")
+        _fsync_dir(target)
+        logs.event("quarantined", level="warning", id=msg_id, where=where, reason=reason)
+
+    def recover(self) -> dict[str, int]:
+        """Start-up repair with no intake running: drop temp files and never-acknowledged
+        content, quarantine unreadable or content-less state. Returns counts for the log."""
+        counts = {"temp_removed": 0, "orphans_removed": 0, "quarantined": 0}
+        for name in os.listdir(self.root / TMP):
+            _unlink(self.root / TMP / name)
+            counts["temp_removed"] += 1
+        queued, dead = set(self.ids(QUEUE)), set(self.ids(DEAD))
+        for msg_id, where in [(i, QUEUE) for i in queued] + [(i, DEAD) for i in dead]:
+            problem = self._check(msg_id, where)
+            if problem:
+                self.quarantine(msg_id, where, problem)
+                counts["quarantined"] += 1
+        for msg_id in set(os.listdir(self.root / MSG)) - queued - dead:
+            # Content without state was never acknowledged: the state is written last.
+            _unlink(self.content_path(msg_id))
+            counts["orphans_removed"] += 1
+        return counts
+
+    def _check(self, msg_id: str, where: str) -> str | None:
+        try:
+            self.load(msg_id, where)
+        except CorruptEntry as exc:
+            return str(exc)
+        if not self.content_path(msg_id).exists():
+            return f"content file {self.content_path(msg_id)} is missing"
+        return None
+
+    # --- durable writes (the one helper every write goes through) ----------------------------
+
+    def _write(self, path: Path, chunks: Iterable[bytes]) -> None:
+        """Write to tmp/, fsync, rename over `path`, fsync its directory."""
+        tmp = self.root / TMP / f"{path.name}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+
+
+def iter_messages(spool: Spool, where: str) -> Iterator[Message]:
+    """Every readable entry of `where`, oldest first; unreadable ones are skipped."""
+    for msg_id in spool.ids(where):
+        with contextlib.suppress(SpoolError):
+            yield spool.load(msg_id, where)
+
+
+def _encode(msg: Message) -> bytes:
+    return json.dumps(msg.as_dict(), separators=(",", ":")).encode()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
