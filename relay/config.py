@@ -101,6 +101,20 @@ def host_ports(value: Any) -> tuple[HostPort, ...]:
     return tuple(_indexed(host_port, _list(value)))
 
 
+def ip_port(value: Any) -> HostPort:
+    """Like host_port, but the host must be an IP address (a DNS server cannot be a name)."""
+    host, number = host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    return host, number
+
+
+def ip_ports(value: Any) -> tuple[HostPort, ...]:
+    return tuple(_indexed(ip_port, _list(value)))
+
+
 def networks(value: Any) -> tuple[Network, ...]:
     def network(item: Any) -> Network:
         try:
@@ -164,7 +178,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class DnsConfig:
-    nameservers: tuple[HostPort, ...] = _opt(host_ports, ())
+    nameservers: tuple[HostPort, ...] = _opt(ip_ports, ())
     timeout: float = _opt(duration, 5.0)
     max_queries: int = _opt(positive_int, 50)
     max_cache_ttl: float = _opt(duration, 3600.0)

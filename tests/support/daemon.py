@@ -1,0 +1,186 @@
+"""The real daemon for end-to-end tests: `relay serve` as a subprocess on loopback, its JSON log
+lines collected, its CLI run as a user would run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.dns import DnsServer
+from tests.support.mx import MxNet
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+class Relay:
+    """One relay daemon: config file, spool, process, log lines and an SMTP client."""
+
+    def __init__(self, root: Path, settings: dict[str, Any]) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.spool = root / "spool"
+        self.config = root / "relay.yaml"
+        base = {
+            "smtp": {"listen": [f"127.0.0.1:{self.port}"], "hostname": "relay.test"},
+            "spool": {"path": str(self.spool)},
+            "delivery": {
+                "helo_name": "relay.test",
+                "connect_timeout": "2s",
+                "command_timeout": "5s",
+                "data_timeout": "10s",
+                "dns": {"timeout": "1s"},
+                "retry": {"schedule": ["1s"], "max_age": "1h", "jitter": 0},
+            },
+        }
+        self.config.write_text(yaml.safe_dump(merge(base, settings)))
+        self.lines: list[dict[str, Any]] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # --- process -------------------------------------------------------------------------------
+
+    def start(self, timeout: float = 20.0) -> None:
+        mark = len(self.lines)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self.reader.start()
+        self.wait_event("ready", timeout, since=mark, process="supervisor")
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        with proc.stdout:
+            for raw in proc.stdout:
+                try:
+                    self.lines.append(json.loads(raw))
+                except ValueError:
+                    self.lines.append({"event": "raw", "text": raw.decode(errors="replace")})
+
+    def stop(self, timeout: float = 40.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.reader.join(10)
+        return code
+
+    def kill9(self) -> None:
+        """SIGKILL the supervisor and both workers at once (the whole process group)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.reader.join(10)
+
+    def worker_pid(self, role: str) -> int:
+        started = [e for e in self.lines if e.get("event") == "started" and e.get("role") == role]
+        return int(started[-1]["pid"])
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill9()
+
+    # --- logs ----------------------------------------------------------------------------------
+
+    def events(self, name: str, since: int = 0, **match: Any) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.lines[since:]
+            if e.get("event") == name and all(e.get(k) == v for k, v in match.items())
+        ]
+
+    def wait_event(
+        self, name: str, timeout: float = 10.0, count: int = 1, since: int = 0, **match: Any
+    ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.events(name, since, **match)
+            if len(found) >= count:
+                return found
+            if self.proc is not None and self.proc.poll() is not None and name != "stopped":
+                break
+            time.sleep(0.02)
+        tail = "\n".join(json.dumps(e) for e in self.lines[-15:])
+        raise AssertionError(f"no {count}x {name} {match} within {timeout}s; last lines:\n{tail}")
+
+    # --- clients -------------------------------------------------------------------------------
+
+    def smtp(self) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=10)
+        client.ehlo()
+        return client
+
+    def send(
+        self,
+        rcpts: list[str],
+        body: bytes = b"Subject: test\r\n\r\nhello\r\n",
+        sender: str = "app@sender.test",
+    ) -> str:
+        """Submit one message; return its queue id from `250 2.0.0 queued as <id>`."""
+        with self.smtp() as client:
+            code, text = client.mail(sender)
+            assert code == 250, text
+            for rcpt in rcpts:
+                code, text = client.rcpt(rcpt)
+                assert code == 250, (rcpt, code, text)
+            code, text = client.data(body)
+        reply = text.decode()
+        assert code == 250 and reply.startswith("2.0.0 queued as "), (code, reply)
+        return reply.rsplit(" ", 1)[1]
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if check:
+            assert proc.returncode == 0, proc.stderr
+        return proc
+
+    def cli_json(self, *args: str) -> list[dict[str, Any]]:
+        return list(json.loads(self.cli(*args, "--json").stdout))
+
+
+RelayFactory = Callable[..., Relay]
+
+
+@pytest.fixture
+def relay(tmp_path: Path, dns_server: DnsServer, mx: MxNet) -> Iterator[RelayFactory]:
+    """Build and start a relay using the test DNS server and MX port; settings override."""
+    made: list[Relay] = []
+
+    def make(settings: dict[str, Any] | None = None, start: bool = True) -> Relay:
+        wiring = {"delivery": {"port": mx.port, "dns": {"nameservers": [dns_server.address]}}}
+        daemon = Relay(tmp_path / f"relay{len(made)}", merge(wiring, settings or {}))
+        made.append(daemon)
+        if start:
+            daemon.start()
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.close()
