@@ -25,7 +25,7 @@ def test_duration(text: str | int | float, seconds: float) -> None:
 
 @pytest.mark.parametrize("text", ["5x", "m", "", "-1s", "1w", True, "5 minutes"])
 def test_bad_duration(text: object) -> None:
-    with pytest.raises(ValueError, match="duration|negative"):
+    with pytest.raises(ValueError, match=r"duration|negative"):
         duration(text)
 
 

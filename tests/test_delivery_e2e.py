@@ -38,7 +38,7 @@ def test_delivers_to_several_domains_bytes_intact(
     assert got_a.mail_from == "app@sender.test"
     assert got_a.helo == "relay.test"
     for got in (got_a, got_b):
-        header, _, rest = got.data.partition(b"\r\n\t")
+        header, _, _ = got.data.partition(b"\r\n\t")
         assert header.startswith(b"Received: from client.test ([127.0.0.1])")
         assert got.data.endswith(BODY)  # the client's bytes, untouched, after our one header
         assert got.data.count(b"Received:") == 1
