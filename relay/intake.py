@@ -146,7 +146,13 @@ class IntakeHandler:
         try:
             await asyncio.to_thread(self.spool.accept, msg, (header, content))
         except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
-            logs.event("error", level="error", stage="intake", id=msg.id, error=f"{type(exc).__name__}: {exc}")
+            logs.event(
+                "error",
+                level="error",
+                stage="intake",
+                id=msg.id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             return REPLY_LOCAL_ERROR
         self.notify(msg.id)
         logs.event(

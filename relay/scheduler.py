@@ -179,7 +179,13 @@ class Scheduler:
             await self._deliver_all(entry, msg)
             await self._conclude(entry, msg)
         except Exception as exc:  # an I/O failure or a bug must not stop the scheduler
-            logs.event("error", level="error", stage="scheduler", id=msg.id, error=f"{type(exc).__name__}: {exc}")
+            logs.event(
+                "error",
+                level="error",
+                stage="scheduler",
+                id=msg.id,
+                error=f"{type(exc).__name__}: {exc}",
+            )
             entry.running = False
             self.schedule(entry, time.time() + ERROR_RETRY)
 

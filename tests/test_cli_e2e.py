@@ -146,4 +146,7 @@ def test_cli_without_a_spool_says_so(tmp_path: Path) -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert proc.stderr == f"relay: spool {tmp_path / 'nowhere'} does not exist (has the relay run with this config?)\n"
+    assert (
+        proc.stderr
+        == f"relay: spool {tmp_path / 'nowhere'} does not exist (has the relay run with this config?)\n"
+    )

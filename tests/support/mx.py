@@ -1,0 +1,327 @@
+"""Scriptable MX hosts: real aiosmtpd servers, one per loopback address on one shared port, each
+in its own thread and event loop, recording what they accept and replying as the test scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+import ssl
+import threading
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+import pytest
+import trustme
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+T = TypeVar("T")
+ACCEPT = "250 2.0.0 OK"
+DROP = "<drop>"  # a scripted "reply" that closes the connection instead of answering
+HANG = "<hang>"  # a scripted "reply" that never comes; the connection stays open
+PORT_ATTEMPTS = 20
+PROBE_ADDRESSES = [f"127.0.0.{n}" for n in range(1, 10)]
+
+
+@dataclass
+class Received:
+    """One accepted message."""
+
+    mail_from: str  # "" for the null reverse path <>
+    rcpt_tos: list[str]
+    data: bytes  # exactly as received, dot-stuffing undone
+    peer_ip: str
+    tls: bool
+    helo: str  # the name given in EHLO or HELO
+    mail_options: list[str] = field(default_factory=list)  # e.g. ["SIZE=123", "BODY=8BITMIME"]
+
+
+class _Script:
+    """Replies consumed in order; the last one repeats."""
+
+    def __init__(self, *replies: str) -> None:
+        self._replies = list(replies or [ACCEPT])
+
+    def next(self) -> str:
+        return self._replies.pop(0) if len(self._replies) > 1 else self._replies[0]
+
+
+class _Handler:
+    """aiosmtpd hooks: reply as scripted, and record a message when DATA is accepted."""
+
+    def __init__(self, sink: MxSink) -> None:
+        self.sink = sink
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, name: str, replies: list[str]
+    ) -> list[str]:
+        if not self.sink.esmtp:
+            return ["502 5.5.1 EHLO not implemented, try HELO"]
+        session.host_name = name
+        return replies
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = await self._answer(server, "mail")
+        if reply.startswith("2"):
+            envelope.mail_from = address  # aiosmtpd gives the null reverse path as "<>"
+            envelope.mail_options.extend(options)
+        return reply
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = await self._answer(server, f"rcpt:{address}")
+        if reply.startswith("2"):
+            envelope.rcpt_tos.append(address)
+        return reply
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = await self._answer(server, "data")
+        if reply.startswith("2"):
+            self.sink.record(
+                Received(
+                    mail_from=_reverse_path(envelope.mail_from),
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    data=envelope.original_content or b"",
+                    peer_ip=cast(tuple[str, int], session.peer)[0],
+                    tls=session.ssl is not None,
+                    helo=session.host_name or "",
+                    mail_options=list(envelope.mail_options),
+                )
+            )
+        return reply
+
+    async def _answer(self, server: SMTP, key: str) -> str:
+        reply = self.sink.next_reply(key)
+        if reply in (DROP, HANG):
+            if reply == DROP:
+                cast(asyncio.Transport, server.transport).abort()
+            await asyncio.Event().wait()  # until connection_lost cancels this session's task
+        return reply
+
+
+class _Server(SMTP):
+    """aiosmtpd's server, counting connections and keeping their sockets for shutdown."""
+
+    def __init__(self, sink: MxSink, **options: Any) -> None:
+        super().__init__(_Handler(sink), **options)
+        self.sink = sink
+        # aiosmtpd dispatches through this table; wrapping it logs every verb a client sends.
+        self._smtp_methods = {
+            verb: _logged(sink, verb, method) for verb, method in self._smtp_methods.items()
+        }
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # not the second call STARTTLS makes with the TLS transport
+            self.sink.connected(cast(asyncio.Transport, transport))
+        super().connection_made(transport)
+
+
+def _logged(
+    sink: MxSink, verb: str, method: Callable[[str], Awaitable[None]]
+) -> Callable[[str], Awaitable[None]]:
+    @functools.wraps(method)  # keeps the HELP text aiosmtpd attaches to the method
+    async def logged(arg: str) -> None:
+        sink.command(verb)
+        await method(arg)
+
+    return logged
+
+
+class _BrokenTlsServer(_Server):
+    """Advertises STARTTLS and agrees to it, then answers the handshake with garbage."""
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await self.push("220 2.0.0 Ready to start TLS")
+        transport = cast(asyncio.Transport, self.transport)
+        transport.write(b"this is not a TLS handshake\r\n")
+        transport.close()
+
+
+class MxSink:
+    """One MX host on ip:port, serving from a background thread until close()."""
+
+    def __init__(
+        self,
+        ip: str,
+        port: int,
+        *,
+        tls: bool = False,
+        broken_tls: bool = False,
+        smtputf8: bool = False,
+        esmtp: bool = True,
+    ) -> None:
+        self.ip, self.port, self.esmtp = ip, port, esmtp
+        self.received: list[Received] = []
+        self.connections = 0
+        self.commands: list[str] = []  # verbs received, in order, over all connections
+        self._scripts: dict[str, _Script] = {}
+        self._changed = threading.Condition()
+        self._transports: list[asyncio.Transport] = []
+        self._options: dict[str, Any] = {"hostname": f"mx.{ip}", "enable_SMTPUTF8": smtputf8}
+        if tls or broken_tls:
+            self._options["tls_context"] = _server_tls()
+        self._server_class = _BrokenTlsServer if broken_tls else _Server
+        self._listener: asyncio.Server | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"mx-{ip}", daemon=True)
+        self._thread.start()
+        try:
+            self.start()
+        except OSError:
+            self.close()
+            raise
+
+    def script_mail(self, *replies: str) -> None:
+        self._script("mail", replies)
+
+    def script_rcpt(self, address: str, *replies: str) -> None:
+        self._script(f"rcpt:{address}", replies)
+
+    def script_data(self, *replies: str) -> None:
+        """Replies after the final dot; messages given a non-2xx reply are not recorded."""
+        self._script("data", replies)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """Block until at least count messages were accepted; AssertionError if they never are."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: len(self.received) >= count, timeout):
+                raise AssertionError(
+                    f"{self.ip}: expected {count} message(s) within {timeout}s, "
+                    f"got {len(self.received)}: {self.received!r}"
+                )
+            return list(self.received)
+
+    def recipients(self) -> list[str]:
+        with self._changed:
+            return [rcpt for message in self.received for rcpt in message.rcpt_tos]
+
+    def start(self) -> None:
+        """Listen (again): the host is up."""
+        if self._listener is None:
+            self._listener = self._run(self._listen())
+
+    def stop(self) -> None:
+        """Close the listener so that connections are refused: the host is down."""
+        if self._listener is not None:
+            self._run(self._close(self._listener))
+            self._listener = None
+
+    def close(self) -> None:
+        """Stop, drop every connection and end the thread."""
+        self.stop()
+        self._run(self._drop_connections())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    # --- called from the sink's own thread ------------------------------------------------------
+
+    def next_reply(self, key: str) -> str:
+        with self._changed:
+            script = self._scripts.get(key)
+            return script.next() if script is not None else ACCEPT
+
+    def record(self, message: Received) -> None:
+        with self._changed:
+            self.received.append(message)
+            self._changed.notify_all()
+
+    def command(self, verb: str) -> None:
+        with self._changed:
+            self.commands.append(verb)
+
+    def connected(self, transport: asyncio.Transport) -> None:
+        with self._changed:
+            self.connections += 1
+            self._transports.append(transport)
+
+    def _script(self, key: str, replies: tuple[str, ...]) -> None:
+        with self._changed:
+            self._scripts[key] = _Script(*replies)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=10)
+
+    async def _listen(self) -> asyncio.Server:
+        def protocol() -> SMTP:
+            return self._server_class(self, loop=self._loop, **self._options)
+
+        return await self._loop.create_server(protocol, self.ip, self.port)
+
+    async def _close(self, listener: asyncio.Server) -> None:
+        listener.close()
+        await listener.wait_closed()
+
+    async def _drop_connections(self) -> None:
+        for transport in self._transports:
+            transport.abort()
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class MxNet:
+    """MX sinks on 127.0.0.2, 127.0.0.3, … all on one port (what delivery.port points at)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.sinks: list[MxSink] = []
+
+    def sink(self, ip: str, **options: Any) -> MxSink:
+        """Start a sink on ip:port; options as MxSink takes them (tls, broken_tls, …)."""
+        sink = MxSink(ip, self.port, **options)
+        self.sinks.append(sink)
+        return sink
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
+
+
+@pytest.fixture
+def mx() -> Iterator[MxNet]:
+    net = MxNet()
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+def _reverse_path(mail_from: str | None) -> str:
+    """aiosmtpd gives the null reverse path as "<>"; Received says ""."""
+    return "" if mail_from in (None, "<>") else str(mail_from)
+
+
+def _free_port() -> int:
+    """A port that is free on 127.0.0.1 and the first sink addresses, so all sinks can share it."""
+    for _ in range(PORT_ATTEMPTS):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port: int = probe.getsockname()[1]
+        if all(_bindable(ip, port) for ip in PROBE_ADDRESSES):
+            return port
+    raise RuntimeError(f"no port free on all of {PROBE_ADDRESSES}")
+
+
+def _bindable(ip: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
+@functools.cache
+def _server_tls() -> ssl.SSLContext:
+    """A server context with a certificate from a throwaway CA (the courier does not verify)."""
+    cert = trustme.CA().issue_cert("mx.test")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    return context

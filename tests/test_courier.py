@@ -1,0 +1,460 @@
+"""Courier tests: real SMTP transactions against scriptable MX sinks on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from relay.classify import Verdict, classify
+from relay.config import DeliveryConfig
+from relay.courier import CHUNK_SIZE, Courier, RecipientResult, dot_stuff
+from relay.resolver import Host, Route
+from tests.support.mx import DROP, HANG, MxNet, MxSink
+
+SENDER = "sender@origin.test"
+ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
+NO_SUCH_USER = "550 5.1.1 no such user"
+TRY_LATER = "451 4.3.0 try again later"
+
+MESSAGE = (
+    b"From: sender@origin.test\r\n"
+    b"To: alice@example.test\r\n"
+    b"Subject: dots\r\n"
+    b"\r\n"
+    b".a line that starts with a dot\r\n"
+    b"..two dots\r\n"
+    b".\r\n"
+    b"a line with a dot . inside\r\n"
+    b"\r\n"
+    b"last line\r\n"
+)
+
+
+def config(
+    net: MxNet,
+    connect_timeout: float = 2.0,
+    command_timeout: float = 5.0,
+    data_timeout: float = 10.0,
+) -> DeliveryConfig:
+    return DeliveryConfig(
+        port=net.port,
+        helo_name="relay.test",
+        connect_timeout=connect_timeout,
+        command_timeout=command_timeout,
+        data_timeout=data_timeout,
+    )
+
+
+def route(*hosts: MxSink | str | tuple[str, ...]) -> Route:
+    """MX hosts mx1.example.test, mx2.example.test, … in the order given, each with the
+    addresses of a sink, an address, or a tuple of addresses."""
+    return Route(
+        "example.test",
+        tuple(
+            Host(f"mx{n}.example.test", n * 10, _addresses(host))
+            for n, host in enumerate(hosts, start=1)
+        ),
+    )
+
+
+def _addresses(host: MxSink | str | tuple[str, ...]) -> tuple[str, ...]:
+    if isinstance(host, MxSink):
+        return (host.ip,)
+    return (host,) if isinstance(host, str) else host
+
+
+def deliver(
+    net: MxNet,
+    to: Route,
+    recipients: list[str],
+    body: Path,
+    *,
+    sender: str = SENDER,
+    smtputf8: bool = False,
+    **timeouts: float,
+) -> list[RecipientResult]:
+    courier = Courier(config(net, **timeouts))
+    size = body.stat().st_size
+    return asyncio.run(courier.deliver(to, sender, recipients, body, size=size, smtputf8=smtputf8))
+
+
+def replies(results: list[RecipientResult]) -> dict[str, str]:
+    return {result.recipient: str(result.reply) for result in results}
+
+
+def verdicts(results: list[RecipientResult]) -> dict[str, Verdict]:
+    return {result.recipient: classify(result.reply).verdict for result in results}
+
+
+@pytest.fixture
+def body(tmp_path: Path) -> Path:
+    path = tmp_path / "body"
+    path.write_bytes(MESSAGE)
+    return path
+
+
+@pytest.fixture
+def silent(mx: MxNet) -> Iterator[str]:
+    """An address whose port accepts connections but never greets."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.9", mx.port))
+        listener.listen()
+        yield "127.0.0.9"
+
+
+# --- delivery and the bytes on the wire ----------------------------------------------------------
+
+
+def test_delivers_to_two_recipients_byte_for_byte(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2")
+
+    results = deliver(mx, route(sink), [ALICE, BOB], body)
+
+    assert [r.recipient for r in results] == [ALICE, BOB]
+    assert all(r.reply.code == 250 for r in results)
+    assert {(r.mx, r.ip, r.tls) for r in results} == {("mx1.example.test", "127.0.0.2", False)}
+    [message] = sink.wait_for(1)
+    assert message.data == MESSAGE
+    assert message.rcpt_tos == [ALICE, BOB]
+    assert message.mail_from == SENDER
+    assert message.helo == "relay.test"
+    assert f"SIZE={len(MESSAGE)}" in message.mail_options
+    assert "BODY=8BITMIME" in message.mail_options
+    assert sink.commands == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "QUIT"]
+
+
+def test_dot_lines_straddling_chunk_boundaries(mx: MxNet, tmp_path: Path) -> None:
+    # Line-starting dots at, around and just after each chunk boundary, so every way a
+    # "CRLF ." can be split between two reads is exercised.
+    offsets = {-3: b".\r\n", -2: b".\r\n", -1: b".x\r\n", 0: b"..y\r\n", 1: b".z\r\n"}
+    data = _dots_at({k * CHUNK_SIZE + d: line for k, (d, line) in enumerate(offsets.items(), 1)})
+    path = tmp_path / "body"
+    path.write_bytes(data)
+    sink = mx.sink("127.0.0.2")
+
+    results = deliver(mx, route(sink), [ALICE], path)
+
+    assert results[0].reply.code == 250
+    assert sink.wait_for(1)[0].data == data
+
+
+def test_multi_megabyte_body(mx: MxNet, tmp_path: Path) -> None:
+    line = b"." + b"0123456789abcdef" * 60 + b"\r\n"
+    data = b"Subject: big\r\n\r\n" + line * (6 * 1024 * 1024 // len(line))
+    path = tmp_path / "body"
+    path.write_bytes(data)
+    sink = mx.sink("127.0.0.2")
+
+    results = deliver(mx, route(sink), [ALICE], path)
+
+    assert results[0].reply.code == 250
+    assert sink.wait_for(1)[0].data == data
+
+
+def test_body_without_final_line_break_gets_one(mx: MxNet, tmp_path: Path) -> None:
+    path = tmp_path / "body"
+    path.write_bytes(b"Subject: x\r\n\r\nno line break at the end")
+    sink = mx.sink("127.0.0.2")
+
+    deliver(mx, route(sink), [ALICE], path)
+
+    assert sink.wait_for(1)[0].data == b"Subject: x\r\n\r\nno line break at the end\r\n"
+
+
+@pytest.mark.parametrize(
+    ("tail", "chunk", "wire"),
+    [
+        (b"\r\n", b".a\r\n", b"..a\r\n"),
+        (b"x\r", b"\n.a", b"\n..a"),
+        (b"\r\n", b"a\r\n.\r\n", b"a\r\n..\r\n"),
+        (b"ab", b".a\r\n", b".a\r\n"),
+        (b"\n.", b".\r\n", b".\r\n"),
+    ],
+)
+def test_dot_stuff(tail: bytes, chunk: bytes, wire: bytes) -> None:
+    assert dot_stuff(tail, chunk) == wire
+
+
+def test_null_sender(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2")
+
+    results = deliver(mx, route(sink), [ALICE], body, sender="")
+
+    assert results[0].reply.code == 250
+    assert sink.wait_for(1)[0].mail_from == ""
+
+
+def test_helo_when_ehlo_is_refused(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2", esmtp=False)
+
+    results = deliver(mx, route(sink), [ALICE], body)
+
+    assert results[0].reply.code == 250
+    [message] = sink.wait_for(1)
+    assert message.helo == "relay.test"
+    assert message.mail_options == []  # no extensions without EHLO
+    assert sink.commands[:2] == ["EHLO", "HELO"]
+
+
+# --- refusals ------------------------------------------------------------------------------------
+
+
+def test_partial_refusal_delivers_to_the_rest(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2")
+    sink.script_rcpt(BOB, NO_SUCH_USER)
+
+    results = deliver(mx, route(sink), [ALICE, BOB], body)
+
+    assert verdicts(results) == {ALICE: Verdict.DELIVERED, BOB: Verdict.PERMANENT}
+    assert replies(results)[BOB] == NO_SUCH_USER
+    assert results[1].reply.enhanced == "5.1.1"
+    assert sink.wait_for(1)[0].rcpt_tos == [ALICE]
+
+
+def test_all_refused_sends_no_data(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2")
+    sink.script_rcpt(ALICE, NO_SUCH_USER)
+    sink.script_rcpt(BOB, "450 4.2.1 mailbox busy")
+    secondary = mx.sink("127.0.0.3")
+
+    results = deliver(mx, route(sink, secondary), [ALICE, BOB], body)
+
+    assert replies(results) == {ALICE: NO_SUCH_USER, BOB: "450 4.2.1 mailbox busy"}
+    assert "DATA" not in sink.commands
+    assert sink.commands[-1] == "QUIT"
+    assert secondary.connections == 0
+
+
+def test_mail_550_is_permanent_for_all_and_secondary_is_not_tried(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.script_mail("550 5.7.1 sender rejected")
+
+    results = deliver(mx, route(primary, secondary), [ALICE, BOB], body)
+
+    assert verdicts(results) == {ALICE: Verdict.PERMANENT, BOB: Verdict.PERMANENT}
+    assert {r.reply.enhanced for r in results} == {"5.7.1"}
+    assert {r.mx for r in results} == {"mx1.example.test"}
+    assert secondary.connections == 0
+
+
+def test_data_451_is_temporary_for_every_accepted_recipient(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.script_rcpt(CAROL, NO_SUCH_USER)
+    primary.script_data(TRY_LATER)
+
+    results = deliver(mx, route(primary, secondary), [ALICE, BOB, CAROL], body)
+
+    assert replies(results) == {ALICE: TRY_LATER, BOB: TRY_LATER, CAROL: NO_SUCH_USER}
+    assert verdicts(results)[ALICE] is Verdict.TEMPORARY
+    assert primary.received == []
+    assert secondary.connections == 0
+
+
+def test_smtputf8_message_to_server_without_it_is_permanent(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3", smtputf8=True)
+
+    results = deliver(mx, route(primary, secondary), [ALICE], body, smtputf8=True)
+
+    assert (results[0].reply.code, results[0].reply.enhanced) == (553, "5.6.7")
+    assert "MAIL" not in primary.commands
+    assert secondary.connections == 0
+
+
+def test_smtputf8_message_to_server_with_it(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2", smtputf8=True)
+
+    results = deliver(mx, route(sink), ["jörg@example.test"], body, smtputf8=True)
+
+    assert results[0].reply.code == 250
+    [message] = sink.wait_for(1)
+    assert message.rcpt_tos == ["jörg@example.test"]
+    assert "SMTPUTF8" in message.mail_options
+
+
+# --- moving on to the next address or host -------------------------------------------------------
+
+
+def test_primary_down_secondary_delivers(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.stop()
+
+    results = deliver(mx, route(primary, secondary), [ALICE, BOB], body)
+
+    assert all(r.reply.code == 250 for r in results)
+    assert {(r.mx, r.ip) for r in results} == {("mx2.example.test", "127.0.0.3")}
+    assert secondary.wait_for(1)[0].rcpt_tos == [ALICE, BOB]
+
+
+def test_addresses_of_a_host_are_tried_in_order(mx: MxNet, body: Path) -> None:
+    mx.sink("127.0.0.3")  # nothing listens on 127.0.0.2
+
+    results = deliver(mx, route(("127.0.0.2", "127.0.0.3")), [ALICE], body)
+
+    assert (results[0].reply.code, results[0].ip) == (250, "127.0.0.3")
+
+
+def test_host_back_up_is_used_again(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2")
+    sink.stop()
+    assert deliver(mx, route(sink), [ALICE], body)[0].reply.code is None
+
+    sink.start()
+
+    assert deliver(mx, route(sink), [ALICE], body)[0].reply.code == 250
+
+
+def test_silent_host_times_out_then_next_delivers(mx: MxNet, body: Path, silent: str) -> None:
+    sink = mx.sink("127.0.0.2")
+
+    results = deliver(mx, route(silent, sink), [ALICE], body, connect_timeout=0.5)
+
+    assert (results[0].reply.code, results[0].mx) == (250, "mx2.example.test")
+
+
+def test_mail_451_on_primary_secondary_delivers(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.script_mail(TRY_LATER)
+
+    results = deliver(mx, route(primary, secondary), [ALICE], body)
+
+    assert (results[0].reply.code, results[0].mx) == (250, "mx2.example.test")
+    assert primary.connections == 1
+    assert primary.received == []
+
+
+@pytest.mark.parametrize("reply", ["421 4.3.2 shutting down", DROP])
+def test_rcpt_421_or_drop_moves_on_to_secondary(mx: MxNet, body: Path, reply: str) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.script_rcpt(BOB, reply)
+
+    results = deliver(mx, route(primary, secondary), [ALICE, BOB], body)
+
+    assert all(r.reply.code == 250 and r.mx == "mx2.example.test" for r in results)
+    assert primary.received == []
+    assert secondary.wait_for(1)[0].rcpt_tos == [ALICE, BOB]
+
+
+def test_all_hosts_down_is_temporary_without_code(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.stop()
+    secondary.stop()
+
+    results = deliver(mx, route(primary, secondary), [ALICE, BOB], body)
+
+    assert [r.reply.code for r in results] == [None, None]
+    assert verdicts(results) == {ALICE: Verdict.TEMPORARY, BOB: Verdict.TEMPORARY}
+    assert {(r.mx, r.ip) for r in results} == {("mx2.example.test", "127.0.0.3")}
+    assert "127.0.0.3" in results[0].reply.text
+
+
+def test_all_hosts_temporary_reports_the_last_reply(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.script_mail(TRY_LATER)
+    secondary.script_mail("452 4.3.1 insufficient system storage")
+
+    results = deliver(mx, route(primary, secondary), [ALICE], body)
+
+    assert replies(results) == {ALICE: "452 4.3.1 insufficient system storage"}
+    assert results[0].mx == "mx2.example.test"
+
+
+def test_connection_lost_after_end_of_data(mx: MxNet, body: Path) -> None:
+    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary.script_data(DROP)
+
+    results = deliver(mx, route(primary, secondary), [ALICE], body)
+
+    assert results[0].reply.code is None
+    assert results[0].reply.text.startswith("connection lost after end of data")
+    assert results[0].mx == "mx1.example.test"
+    assert secondary.connections == 0  # the message may have arrived: never send it twice
+
+
+def test_final_reply_waits_data_timeout_not_command_timeout(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2")
+    sink.script_data(HANG)
+    started = time.monotonic()
+
+    results = deliver(mx, route(sink), [ALICE], body, command_timeout=60, data_timeout=0.5)
+
+    assert time.monotonic() - started < 30
+    assert results[0].reply.code is None
+    assert results[0].reply.text.startswith("connection lost after end of data")
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def test_starttls_when_offered(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2", tls=True)
+
+    results = deliver(mx, route(sink), [ALICE], body)
+
+    assert (results[0].reply.code, results[0].tls) == (250, True)
+    [message] = sink.wait_for(1)
+    assert message.tls
+    assert message.data == MESSAGE
+    assert sink.commands[:3] == ["EHLO", "STARTTLS", "EHLO"]
+
+
+def test_broken_tls_falls_back_to_plain_text(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2", broken_tls=True)
+
+    results = deliver(mx, route(sink), [ALICE], body)
+
+    assert (results[0].reply.code, results[0].tls) == (250, False)
+    assert not sink.wait_for(1)[0].tls
+    assert sink.connections == 2
+    assert sink.commands.count("STARTTLS") == 1
+
+
+def _dots_at(lines: dict[int, bytes]) -> bytes:
+    """A body with each given line starting exactly at its offset, and short filler between."""
+    data = b"Subject: dots\r\n\r\n"
+    for offset, line in sorted(lines.items()):
+        data += _filler(offset - len(data)) + line
+    return data + b"end\r\n"
+
+
+def _filler(size: int) -> bytes:
+    """size bytes of lines of at most 80 bytes, each ending in CRLF (size >= 2)."""
+    lines = []
+    while size:
+        length = min(size, 80)
+        if size - length == 1:  # one byte left over could not make a line of its own
+            length -= 1
+        lines.append(b"f" * (length - 2) + b"\r\n")
+        size -= length
+    return b"".join(lines)
+
+
+def test_session_refused_with_5xx_everywhere_is_deferred_not_bounced(mx: MxNet, body: Path) -> None:
+    """A 554 greeting (like Postfix's smtp_skip_5xx_greeting) moves on and, if every host says
+    so, is retried later: refusing a session says nothing about the recipient."""
+
+    async def run() -> list[RecipientResult]:
+        closed = asyncio.Event()
+
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"554 5.7.1 no SMTP service here\r\n")
+            await reader.read()  # until the client hangs up
+            writer.close()
+            await writer.wait_closed()
+            closed.set()
+
+        server = await asyncio.start_server(refuse, "127.0.0.5", mx.port)
+        async with server:
+            courier = Courier(config(mx))
+            results = await courier.deliver(route("127.0.0.5"), SENDER, [ALICE], body, size=10)
+            await asyncio.wait_for(closed.wait(), 5)
+        return results
+
+    [result] = asyncio.run(run())
+    assert classify(result.reply).verdict is Verdict.TEMPORARY
+    assert "refused to talk to me: 554 5.7.1 no SMTP service here" in result.reply.text
+    assert result.mx == "mx1.example.test"

@@ -1,0 +1,288 @@
+"""Resolver stage against a real DNS server: MX order, null and implicit MX, failures, cache."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import pytest
+
+from relay.classify import Reply, Verdict, classify
+from relay.config import DnsConfig
+from relay.resolver import Host, ResolveError, Resolver, Route
+from tests.support.dns import DnsServer
+
+DOMAIN = "example.test"
+
+
+def resolver(server: DnsServer, *, timeout: float = 2.0, **kwargs: Any) -> Resolver:
+    rng = kwargs.pop("rng", None)
+    cfg = DnsConfig(nameservers=((server.host, server.port),), timeout=timeout, **kwargs)
+    return Resolver(cfg, rng=rng)
+
+
+def route(server: DnsServer, domain: str = DOMAIN, **kwargs: Any) -> Route:
+    return asyncio.run(resolver(server, **kwargs).route(domain))
+
+
+def failure(server: DnsServer, domain: str = DOMAIN, **kwargs: Any) -> Reply:
+    with pytest.raises(ResolveError) as info:
+        route(server, domain, **kwargs)
+    assert str(info.value) == str(info.value.reply)
+    return info.value.reply
+
+
+def verdict(reply: Reply) -> Verdict:
+    return classify(reply).verdict
+
+
+def names(found: Route) -> list[str]:
+    return [host.name for host in found.hosts]
+
+
+def test_mx_hosts_come_in_preference_order(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (20, "mx2.example.test"), (10, "mx1.example.test"), (30, "mx3.test"))
+    for index, host in enumerate(["mx1.example.test", "mx2.example.test", "mx3.test"], 1):
+        dns_server.a(host, f"192.0.2.{index}")
+
+    found = route(dns_server)
+
+    assert found == Route(
+        DOMAIN,
+        (
+            Host("mx1.example.test", 10, ("192.0.2.1",)),
+            Host("mx2.example.test", 20, ("192.0.2.2",)),
+            Host("mx3.test", 30, ("192.0.2.3",)),
+        ),
+    )
+
+
+def test_equal_preferences_are_shuffled_by_the_rng(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (10, "a.test"), (10, "b.test"), (5, "first.test"))
+    for host in ["a.test", "b.test", "first.test"]:
+        dns_server.a(host, "192.0.2.1")
+
+    orders = {tuple(names(route(dns_server, rng=random.Random(seed)))) for seed in range(20)}
+
+    assert orders == {("first.test", "a.test", "b.test"), ("first.test", "b.test", "a.test")}
+    same_seed = {tuple(names(route(dns_server, rng=random.Random(7)))) for _ in range(5)}
+    assert len(same_seed) == 1
+
+
+def test_ipv4_addresses_come_before_ipv6(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (10, "mx.test"))
+    dns_server.aaaa("mx.test", "2001:db8::1")
+    dns_server.a("mx.test", "192.0.2.1", "192.0.2.2")
+
+    addresses = route(dns_server).hosts[0].addresses
+
+    assert sorted(addresses[:2]) == ["192.0.2.1", "192.0.2.2"]  # in the order the server sent
+    assert addresses[2:] == ("2001:db8::1",)
+
+
+def test_domain_without_mx_is_its_own_host(dns_server: DnsServer) -> None:
+    dns_server.a(DOMAIN, "192.0.2.9")
+    dns_server.aaaa(DOMAIN, "2001:db8::9")
+
+    found = route(dns_server, "Example.TEST.")
+
+    assert found == Route(DOMAIN, (Host(DOMAIN, 0, ("192.0.2.9", "2001:db8::9")),))
+
+
+def test_domain_without_mx_or_address_is_permanent(dns_server: DnsServer) -> None:
+    dns_server.record(DOMAIN, "TXT", '"v=spf1 -all"')
+
+    reply = failure(dns_server)
+
+    assert (reply.code, reply.enhanced) == (550, "5.1.2")
+    assert "has no MX or address records" in reply.text
+    assert verdict(reply) is Verdict.PERMANENT
+
+
+def test_null_mx_refuses_without_address_lookups(dns_server: DnsServer) -> None:
+    dns_server.null_mx(DOMAIN)
+
+    reply = failure(dns_server)
+
+    assert reply == Reply(556, "5.1.10", f"{DOMAIN} does not accept mail (null MX, RFC 7505)")
+    assert verdict(reply) is Verdict.PERMANENT
+    assert dns_server.queries(".", "A") + dns_server.queries(".", "AAAA") == 0
+
+
+def test_nxdomain_is_permanent(dns_server: DnsServer) -> None:
+    reply = failure(dns_server, "nowhere.test")
+
+    assert reply == Reply(550, "5.1.2", "nowhere.test does not exist (NXDOMAIN)")
+    assert verdict(reply) is Verdict.PERMANENT
+
+
+def test_servfail_is_temporary(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (10, "mx.test"))
+    dns_server.servfail(DOMAIN)
+
+    reply = failure(dns_server)
+
+    assert (reply.code, reply.enhanced) == (451, "4.4.3")
+    assert reply.text.startswith(f"DNS lookup for {DOMAIN} failed: ")
+    assert verdict(reply) is Verdict.TEMPORARY
+
+
+def test_silent_nameserver_times_out_as_temporary(dns_server: DnsServer) -> None:
+    dns_server.drop(DOMAIN)
+    started = time.monotonic()
+
+    reply = failure(dns_server, timeout=0.5)
+
+    assert time.monotonic() - started < 2
+    assert (reply.code, reply.enhanced) == (451, "4.4.3")
+    assert verdict(reply) is Verdict.TEMPORARY
+
+
+def test_mx_host_without_address_is_skipped(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (10, "gone.test"), (20, "empty.test"), (30, "alive.test"))
+    dns_server.record("empty.test", "TXT", '"no address here"')
+    dns_server.a("alive.test", "192.0.2.1")
+
+    assert route(dns_server).hosts == (Host("alive.test", 30, ("192.0.2.1",)),)
+
+
+def test_mx_host_whose_lookup_fails_is_skipped_and_not_cached(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (10, "broken.test"), (20, "alive.test"))
+    dns_server.a("broken.test", "192.0.2.1")
+    dns_server.servfail("broken.test")
+    dns_server.a("alive.test", "192.0.2.2")
+
+    async def twice() -> tuple[Route, Route]:
+        cached = resolver(dns_server)
+        first = await cached.route(DOMAIN)
+        dns_server.clear("broken.test")
+        dns_server.a("broken.test", "192.0.2.1")
+        return first, await cached.route(DOMAIN)
+
+    first, second = asyncio.run(twice())
+
+    assert names(first) == ["alive.test"]
+    assert names(second) == ["broken.test", "alive.test"]
+
+
+def test_no_address_for_any_mx_host_is_temporary(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (10, "gone.test"), (20, "also-gone.test"))
+
+    reply = failure(dns_server)
+
+    assert reply == Reply(451, "4.4.4", f"no address for any MX host of {DOMAIN}")
+    assert verdict(reply) is Verdict.TEMPORARY
+
+
+def test_route_is_cached(dns_server: DnsServer) -> None:
+    dns_server.mx(DOMAIN, (10, "mx.test"))
+    dns_server.a("mx.test", "192.0.2.1")
+
+    async def twice() -> tuple[Route, Route]:
+        cached = resolver(dns_server)
+        return await cached.route(DOMAIN), await cached.route("EXAMPLE.test.")
+
+    first, second = asyncio.run(twice())
+
+    assert first == second
+    assert dns_server.queries(DOMAIN, "MX") == 1
+    assert dns_server.queries("mx.test", "A") == 1
+
+
+@pytest.mark.parametrize(("ttl", "max_cache_ttl"), [(1, 3600.0), (60, 1.0)])
+def test_cached_route_expires(dns_server: DnsServer, ttl: int, max_cache_ttl: float) -> None:
+    dns_server.mx(DOMAIN, (10, "old.test"), ttl=ttl)
+    dns_server.a("old.test", "192.0.2.1", ttl=ttl)
+
+    async def before_and_after() -> tuple[Route, Route]:
+        cached = resolver(dns_server, max_cache_ttl=max_cache_ttl)
+        before = await cached.route(DOMAIN)
+        dns_server.mx(DOMAIN, (10, "new.test"))
+        dns_server.a("new.test", "192.0.2.2")
+        await asyncio.sleep(1.2)
+        return before, await cached.route(DOMAIN)
+
+    before, after = asyncio.run(before_and_after())
+
+    assert (names(before), names(after)) == (["old.test"], ["new.test"])
+    assert dns_server.queries(DOMAIN, "MX") == 2
+
+
+def test_permanent_error_is_cached(dns_server: DnsServer) -> None:
+    async def twice() -> list[Reply]:
+        cached = resolver(dns_server)
+        replies = []
+        for _ in range(2):
+            with pytest.raises(ResolveError) as info:
+                await cached.route("nowhere.test")
+            replies.append(info.value.reply)
+            dns_server.a("nowhere.test", "192.0.2.1")
+        return replies
+
+    first, second = asyncio.run(twice())
+
+    assert first == second
+    assert dns_server.queries("nowhere.test", "MX") == 1
+
+
+def test_temporary_error_is_not_cached(dns_server: DnsServer) -> None:
+    dns_server.servfail(DOMAIN)
+
+    async def fail_then_succeed() -> Route:
+        cached = resolver(dns_server)
+        with pytest.raises(ResolveError):
+            await cached.route(DOMAIN)
+        dns_server.clear(DOMAIN)
+        dns_server.a(DOMAIN, "192.0.2.1")
+        return await cached.route(DOMAIN)
+
+    assert names(asyncio.run(fail_then_succeed())) == [DOMAIN]
+    assert dns_server.queries(DOMAIN, "MX") == 2
+
+
+@pytest.mark.parametrize(
+    ("literal", "address"),
+    [("[127.0.0.2]", "127.0.0.2"), ("[IPv6:::1]", "::1"), ("[ipv6:2001:DB8:0::1]", "2001:db8::1")],
+)
+def test_address_literal_needs_no_dns(dns_server: DnsServer, literal: str, address: str) -> None:
+    assert route(dns_server, literal) == Route(literal, (Host(literal, 0, (address,)),))
+
+
+@pytest.mark.parametrize(
+    "domain",
+    ["[300.0.0.1]", "[::1]", "[IPv6:127.0.0.1]", "[mx.example.test]", "[127.0.0.1", "a..test", ""],
+)
+def test_malformed_domain_is_permanent(dns_server: DnsServer, domain: str) -> None:
+    reply = failure(dns_server, domain)
+
+    assert (reply.code, reply.enhanced) == (550, "5.1.2")
+
+
+def test_many_domains_resolve_through_one_query_slot(dns_server: DnsServer) -> None:
+    domains = [f"d{index}.test" for index in range(30)]
+    for index, domain in enumerate(domains):
+        dns_server.mx(domain, (10, f"mx.{domain}"))
+        dns_server.a(f"mx.{domain}", f"192.0.2.{index}")
+        dns_server.aaaa(f"mx.{domain}", f"2001:db8::{index + 1}")
+
+    async def all_at_once() -> list[Route]:
+        shared = resolver(dns_server, max_queries=1)
+        return await asyncio.gather(*(shared.route(domain) for domain in domains))
+
+    routes = asyncio.run(all_at_once())
+
+    assert [found.hosts[0].addresses for found in routes] == [
+        (f"192.0.2.{index}", f"2001:db8::{index + 1}") for index in range(len(domains))
+    ]
+
+
+def test_large_mx_set_arrives_over_tcp(dns_server: DnsServer) -> None:
+    hosts = [f"mail-exchanger-{index:02}.example-provider.test" for index in range(40)]
+    dns_server.mx(DOMAIN, *((index, host) for index, host in enumerate(hosts)))
+    for host in hosts:
+        dns_server.a(host, "192.0.2.1")
+
+    assert names(route(dns_server)) == hosts
+    assert dns_server.queries(DOMAIN, "MX") == 2  # truncated over UDP, then again over TCP
