@@ -66,22 +66,22 @@ async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) 
     raise ValueError(f"unknown op {op!r}")
 
 
-async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.DatagramTransport:
-    """Intake's wake-up datagrams (a queue id each) make new mail due within milliseconds."""
+async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
+    """Intake's wake-ups (one queue id per line) make new mail due within milliseconds."""
 
-    class Wake(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            task = asyncio.ensure_future(scheduler.adopt(data.decode("ascii", "replace")))
-            scheduler.tasks.add(task)
-            task.add_done_callback(scheduler.tasks.discard)
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                scheduler.notice(line.strip().decode("ascii", "replace"))
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
 
     address = spool.socket_address(WAKE_SOCKET)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(address)
-    transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Wake, sock=sock)
-    return transport
+    return await asyncio.start_unix_server(handle, address)
 
 
 @contextlib.contextmanager

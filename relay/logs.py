@@ -50,3 +50,8 @@ def event(name: str, **fields: Any) -> None:
     if isinstance(reply, Reply):
         fields.update(reply=str(reply), code=reply.code, enhanced=reply.enhanced)
     getattr(structlog.get_logger(), level)(name, **fields)
+
+
+def failure(stage: str, error: BaseException, **fields: Any) -> None:
+    """An error on our side (I/O, a bug) that the relay survived: logged with its stage."""
+    event("error", level="error", stage=stage, error=f"{type(error).__name__}: {error}", **fields)

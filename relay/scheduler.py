@@ -18,7 +18,7 @@ from relay.classify import Verdict, classify
 from relay.config import Config
 from relay.courier import Courier, RecipientResult
 from relay.resolver import ResolveError, Resolver
-from relay.spool import QUEUE, CorruptEntry, Message, Recipient, Spool, SpoolError
+from relay.spool import QUEUE, CorruptEntry, Message, Recipient, Spool, SpoolError, is_id
 
 # After an unexpected error in an attempt (disk full while saving, a bug), try again this late.
 ERROR_RETRY = 60.0
@@ -61,6 +61,7 @@ class Scheduler:
         self.slots = asyncio.Semaphore(cfg.delivery.concurrency)
         self.transactions = asyncio.Semaphore(cfg.delivery.concurrency)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.incoming: list[str] = []
         self.stopping = False
 
     # --- the index ---------------------------------------------------------------------------
@@ -73,22 +74,29 @@ class Scheduler:
 
     async def scan(self) -> None:
         """Adopt every state file not yet indexed; the backstop for lost wake-ups."""
+        indexed = set(self.index)  # before listing: what a wake-up adopts meanwhile is not gone
         on_disk = await asyncio.to_thread(self.spool.ids, QUEUE)
         fresh = [i for i in on_disk if i not in self.index]
         loaded = await asyncio.to_thread(self._load_many, fresh)
         for msg_id, msg in loaded:
             await self._adopt_loaded(msg_id, msg)
-        gone = set(self.index) - set(on_disk)
-        for msg_id in gone:
-            if not self.index[msg_id].running:
+        for msg_id in indexed - set(on_disk):
+            entry = self.index.get(msg_id)
+            if entry is not None and not entry.running:
                 del self.index[msg_id]
 
-    async def adopt(self, msg_id: str) -> None:
-        """Index one message by id (wake-up from intake, requeue)."""
-        if msg_id in self.index:
-            return
-        [(_, msg)] = await asyncio.to_thread(self._load_many, [msg_id])
-        await self._adopt_loaded(msg_id, msg)
+    def notice(self, msg_id: str) -> None:
+        """A wake-up from intake: adopt msg_id on the next turn of the loop, with its peers."""
+        if is_id(msg_id) and msg_id not in self.index:
+            self.incoming.append(msg_id)
+            self.wake.set()
+
+    async def _adopt_incoming(self) -> None:
+        """Load every noticed id in one worker-thread call and index them."""
+        ids, self.incoming = self.incoming, []
+        loaded = await asyncio.to_thread(self._load_many, ids)
+        for msg_id, msg in loaded:
+            await self._adopt_loaded(msg_id, msg)
 
     def _load_many(self, ids: Iterable[str]) -> list[tuple[str, Message | str | None]]:
         """Load state files in one worker thread: a Message, a corruption reason, or None."""
@@ -123,6 +131,8 @@ class Scheduler:
         await self.scan()
         next_scan = time.monotonic() + self.cfg.delivery.scan_interval
         while not self.stopping:
+            if self.incoming:
+                await self._adopt_incoming()
             await self._dispatch_due()
             now = time.monotonic()
             if now >= next_scan:
@@ -130,7 +140,7 @@ class Scheduler:
                 next_scan = now + self.cfg.delivery.scan_interval
             wait = min(next_scan, self.heap[0][0] if self.heap else next_scan) - time.monotonic()
             self.wake.clear()
-            if wait > 0:
+            if wait > 0 and not self.incoming:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), wait)
 
@@ -179,13 +189,7 @@ class Scheduler:
             await self._deliver_all(entry, msg)
             await self._conclude(entry, msg)
         except Exception as exc:  # an I/O failure or a bug must not stop the scheduler
-            logs.event(
-                "error",
-                level="error",
-                stage="scheduler",
-                id=msg.id,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            logs.failure("scheduler", exc, id=msg.id)
             entry.running = False
             self.schedule(entry, time.time() + ERROR_RETRY)
 

@@ -11,18 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.daemon import Relay, RelayFactory
-from tests.support.dns import DnsServer
-from tests.support.mx import MxNet, MxSink
+from tests.support.mx import MxSink
 
 HOUR = {"delivery": {"retry": {"schedule": ["1h"]}}}
-
-
-@pytest.fixture
-def sink(dns_server: DnsServer, mx: MxNet) -> MxSink:
-    sink = mx.sink("127.0.0.2")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
-    return sink
 
 
 def deferred(daemon: Relay, sink: MxSink, rcpt: str = "user@a.test") -> str:

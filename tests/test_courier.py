@@ -128,32 +128,30 @@ def test_delivers_to_two_recipients_byte_for_byte(mx: MxNet, body: Path) -> None
     assert sink.commands == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "QUIT"]
 
 
+def assert_round_trip(mx: MxNet, tmp_path: Path, data: bytes) -> None:
+    """data, stored as a body file, arrives at a sink byte for byte."""
+    path = tmp_path / "body"
+    path.write_bytes(data)
+    sink = mx.sink("127.0.0.2")
+
+    results = deliver(mx, route(sink), [ALICE], path)
+
+    assert results[0].reply.code == 250
+    assert sink.wait_for(1)[0].data == data
+
+
 def test_dot_lines_straddling_chunk_boundaries(mx: MxNet, tmp_path: Path) -> None:
     # Line-starting dots at, around and just after each chunk boundary, so every way a
     # "CRLF ." can be split between two reads is exercised.
     offsets = {-3: b".\r\n", -2: b".\r\n", -1: b".x\r\n", 0: b"..y\r\n", 1: b".z\r\n"}
     data = _dots_at({k * CHUNK_SIZE + d: line for k, (d, line) in enumerate(offsets.items(), 1)})
-    path = tmp_path / "body"
-    path.write_bytes(data)
-    sink = mx.sink("127.0.0.2")
-
-    results = deliver(mx, route(sink), [ALICE], path)
-
-    assert results[0].reply.code == 250
-    assert sink.wait_for(1)[0].data == data
+    assert_round_trip(mx, tmp_path, data)
 
 
 def test_multi_megabyte_body(mx: MxNet, tmp_path: Path) -> None:
     line = b"." + b"0123456789abcdef" * 60 + b"\r\n"
     data = b"Subject: big\r\n\r\n" + line * (6 * 1024 * 1024 // len(line))
-    path = tmp_path / "body"
-    path.write_bytes(data)
-    sink = mx.sink("127.0.0.2")
-
-    results = deliver(mx, route(sink), [ALICE], path)
-
-    assert results[0].reply.code == 250
-    assert sink.wait_for(1)[0].data == data
+    assert_round_trip(mx, tmp_path, data)
 
 
 def test_body_without_final_line_break_gets_one(mx: MxNet, tmp_path: Path) -> None:

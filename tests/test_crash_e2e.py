@@ -20,13 +20,6 @@ ID_IN_RECEIVED = re.compile(rb"with E?SMTP id ([0-9a-f]{20})")
 CONCURRENCY = 8
 
 
-def route_to_sink(dns_server: DnsServer, mx: MxNet) -> MxSink:
-    sink = mx.sink("127.0.0.2")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
-    return sink
-
-
 def load(daemon: Relay, acked: list[str], stop: threading.Event, clients: int, limit: int) -> None:
     """Submit until stopped or `limit` messages per client; record every acknowledged id."""
 
@@ -55,10 +48,7 @@ def delivered_ids(sink: MxSink) -> Counter[str]:
     return ids
 
 
-def test_kill9_under_load_loses_nothing_acknowledged(
-    relay: RelayFactory, dns_server: DnsServer, mx: MxNet
-) -> None:
-    sink = route_to_sink(dns_server, mx)
+def test_kill9_under_load_loses_nothing_acknowledged(relay: RelayFactory, sink: MxSink) -> None:
     daemon = relay({"delivery": {"concurrency": CONCURRENCY}})
     acked: list[str] = []
     stop = threading.Event()
@@ -92,10 +82,7 @@ def test_kill9_under_load_loses_nothing_acknowledged(
     assert os.listdir(daemon.spool / "msg") == []
 
 
-def test_killed_worker_is_restarted_and_mail_flows(
-    relay: RelayFactory, dns_server: DnsServer, mx: MxNet
-) -> None:
-    sink = route_to_sink(dns_server, mx)
+def test_killed_worker_is_restarted_and_mail_flows(relay: RelayFactory, sink: MxSink) -> None:
     daemon = relay()
     for role in ("scheduler", "intake"):
         old = daemon.worker_pid(role)
@@ -138,9 +125,8 @@ def test_corrupt_state_is_quarantined_and_the_rest_delivered(
 
 
 def test_intake_write_failure_is_a_4xx_and_leaves_nothing(
-    relay: RelayFactory, dns_server: DnsServer, mx: MxNet
+    relay: RelayFactory, sink: MxSink
 ) -> None:
-    route_to_sink(dns_server, mx)
     daemon = relay()
     tmp = daemon.spool / "tmp"
     tmp.rmdir()

@@ -3,21 +3,33 @@ as the CLI shows them."""
 
 from __future__ import annotations
 
-import re
+from datetime import datetime
 from typing import Any
 
-from tests.support.daemon import RelayFactory
+from tests.support.daemon import Relay, RelayFactory
 from tests.support.dns import DnsServer
-from tests.support.mx import MxNet
+from tests.support.mx import MxNet, MxSink
 
 BODY = (
     b"Subject: hello\r\nFrom: app@sender.test\r\n\r\nline one\r\n.starts with a dot\r\n\r\nend\r\n"
 )
 
 
+def stamp(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(str(event["timestamp"])).timestamp()
+
+
 def rcpt_of(entry: dict[str, Any], address: str) -> dict[str, Any]:
     [rcpt] = [r for r in entry["recipients"] if r["address"] == address]
     return rcpt
+
+
+def dead_reply(daemon: Relay, queue_id: str) -> tuple[int, str]:
+    """Code and enhanced code of the only dead-lettered recipient, once it is there."""
+    daemon.wait_event("dead_lettered", id=queue_id, reason="permanent")
+    [entry] = daemon.cli_json("dlq", "list")
+    reply = entry["recipients"][0]["reply"]
+    return reply["code"], reply["enhanced"]
 
 
 def test_delivers_to_several_domains_bytes_intact(
@@ -49,13 +61,8 @@ def test_delivers_to_several_domains_bytes_intact(
     assert not (daemon.spool / "msg" / queue_id).exists()
 
 
-def test_451_then_250_is_retried_and_delivered(
-    relay: RelayFactory, dns_server: DnsServer, mx: MxNet
-) -> None:
-    sink = mx.sink("127.0.0.2")
+def test_451_then_250_is_retried_and_delivered(relay: RelayFactory, sink: MxSink) -> None:
     sink.script_data("451 4.3.0 try again later", "250 2.0.0 accepted")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
     daemon = relay()
     queue_id = daemon.send(["user@a.test"])
     [deferred] = daemon.wait_event("deferred", id=queue_id)
@@ -72,12 +79,9 @@ def test_451_then_250_is_retried_and_delivered(
 
 
 def test_550_goes_to_the_dead_letter_spool_with_its_story(
-    relay: RelayFactory, dns_server: DnsServer, mx: MxNet
+    relay: RelayFactory, sink: MxSink
 ) -> None:
-    sink = mx.sink("127.0.0.2")
     sink.script_rcpt("gone@a.test", "550 5.1.1 <gone@a.test>: no such user")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
     daemon = relay()
     queue_id = daemon.send(["gone@a.test", "here@a.test"])
     daemon.wait_event("dead_lettered", id=queue_id)
@@ -102,14 +106,9 @@ def test_550_goes_to_the_dead_letter_spool_with_its_story(
     assert "Subject: test" in shown and (daemon.spool / "msg" / queue_id).exists()
 
 
-def test_mixed_outcomes_in_one_message(
-    relay: RelayFactory, dns_server: DnsServer, mx: MxNet
-) -> None:
-    sink = mx.sink("127.0.0.2")
+def test_mixed_outcomes_in_one_message(relay: RelayFactory, sink: MxSink) -> None:
     sink.script_rcpt("bad@a.test", "550 5.1.1 no such user")
     sink.script_rcpt("later@a.test", "451 4.2.0 mailbox busy", "250 2.1.5 ok")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
     daemon = relay()
     queue_id = daemon.send(["ok@a.test", "bad@a.test", "later@a.test"])
     daemon.wait_event("delivered", count=2, id=queue_id, timeout=15)
@@ -123,11 +122,8 @@ def test_mixed_outcomes_in_one_message(
     assert daemon.cli_json("queue", "list") == []
 
 
-def test_expired_after_max_age(relay: RelayFactory, dns_server: DnsServer, mx: MxNet) -> None:
-    sink = mx.sink("127.0.0.2")
+def test_expired_after_max_age(relay: RelayFactory, sink: MxSink) -> None:
     sink.script_rcpt("slow@a.test", "452 4.2.2 mailbox full")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
     daemon = relay({"delivery": {"retry": {"schedule": ["1s"], "max_age": "3s"}}})
     queue_id = daemon.send(["slow@a.test"])
     daemon.wait_event("dead_lettered", id=queue_id, reason="expired", timeout=15)
@@ -176,20 +172,14 @@ def test_null_mx_fails_without_connecting(
     dns_server.a("nomail.test", "127.0.0.2")
     daemon = relay()
     queue_id = daemon.send(["user@nomail.test"])
-    daemon.wait_event("dead_lettered", id=queue_id, reason="permanent")
-    [entry] = daemon.cli_json("dlq", "list")
-    reply = entry["recipients"][0]["reply"]
-    assert (reply["code"], reply["enhanced"]) == (556, "5.1.10")
+    assert dead_reply(daemon, queue_id) == (556, "5.1.10")
     assert sink.connections == 0
 
 
 def test_nxdomain_is_permanent(relay: RelayFactory, mx: MxNet) -> None:
     daemon = relay()
     queue_id = daemon.send(["user@missing.test"])
-    daemon.wait_event("dead_lettered", id=queue_id, reason="permanent")
-    [entry] = daemon.cli_json("dlq", "list")
-    reply = entry["recipients"][0]["reply"]
-    assert (reply["code"], reply["enhanced"]) == (550, "5.1.2")
+    assert dead_reply(daemon, queue_id) == (550, "5.1.2")
     assert len(daemon.events("attempt", id=queue_id)) == 1
 
 
@@ -208,17 +198,14 @@ def test_servfail_is_temporary(relay: RelayFactory, dns_server: DnsServer, mx: M
 
 
 def test_new_mail_is_picked_up_without_waiting_for_a_scan(
-    relay: RelayFactory, dns_server: DnsServer, mx: MxNet
+    relay: RelayFactory, sink: MxSink
 ) -> None:
-    mx.sink("127.0.0.2")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
     daemon = relay({"delivery": {"scan_interval": "1h"}})
     daemon.send(["warmup@a.test"])
     daemon.wait_event("delivered")
     queue_id = daemon.send(["user@a.test"])
     [received] = daemon.wait_event("received", id=queue_id)
     [attempt] = daemon.wait_event("attempt", id=queue_id, timeout=5)
-    # The wake-up datagram, not the hourly scan, started it (the 100 ms target is measured in
-    # the benchmark; here it must simply not wait for a scan).
-    assert re.match(r"\d{4}-\d\d-\d\dT", attempt["timestamp"]) and received
+    # The wake-up, not the hourly scan, started it. The 100 ms target itself is measured by
+    # bench/smoke.py (pickup_p50_ms), not asserted here: timings are not tests.
+    assert stamp(attempt) - stamp(received) < 1.0

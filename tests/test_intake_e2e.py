@@ -12,14 +12,6 @@ from tests.support.dns import DnsServer
 from tests.support.mx import MxNet, MxSink
 
 
-@pytest.fixture
-def sink(dns_server: DnsServer, mx: MxNet) -> MxSink:
-    sink = mx.sink("127.0.0.2")
-    dns_server.mx("a.test", (10, "mx.a.test"))
-    dns_server.a("mx.a.test", "127.0.0.2")
-    return sink
-
-
 def converse(daemon: Relay, *lines: bytes) -> list[bytes]:
     """Send raw lines (after EHLO) and return every reply line the server wrote, in order."""
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from tests.support.dns import DnsServer
-from tests.support.mx import MxNet
+from tests.support.mx import MxNet, MxSink
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -184,3 +184,12 @@ def relay(tmp_path: Path, dns_server: DnsServer, mx: MxNet) -> Iterator[RelayFac
     yield make
     for daemon in made:
         daemon.close()
+
+
+@pytest.fixture
+def sink(dns_server: DnsServer, mx: MxNet) -> MxSink:
+    """The MX of a.test: mx.a.test, a sink on 127.0.0.2."""
+    sink = mx.sink("127.0.0.2")
+    dns_server.mx("a.test", (10, "mx.a.test"))
+    dns_server.a("mx.a.test", "127.0.0.2")
+    return sink
