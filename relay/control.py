@@ -73,7 +73,9 @@ async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractSer
         try:
             while line := await reader.readline():
                 scheduler.notice(line.strip().decode("ascii", "replace"))
-        except ConnectionError:
+        except (ConnectionError, asyncio.CancelledError):
+            # Cancelled at shutdown: ending quietly keeps Python 3.11's streams from logging
+            # the cancellation as an unhandled error.
             pass
         finally:
             writer.close()

@@ -183,7 +183,11 @@ def relay(tmp_path: Path, dns_server: DnsServer, mx: MxNet) -> Iterator[RelayFac
 
     yield make
     for daemon in made:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            assert daemon.stop() == 0, "relay serve did not exit 0 on SIGTERM"
         daemon.close()
+        tracebacks = [e["text"] for e in daemon.lines if "Traceback" in e.get("text", "")]
+        assert not tracebacks, f"the daemon printed a traceback: {tracebacks}"
 
 
 @pytest.fixture
