@@ -20,6 +20,7 @@ from relay.spool import DEAD, QUEUE, Spool, SpoolError
 CONTROL_SOCKET = "control.sock"
 WAKE_SOCKET = "wake.sock"
 DAEMON_LOCK = "daemon.lock"
+SCHEDULER_LOCK = "scheduler.lock"
 OPS = ("flush", "delete", "requeue")
 Result = dict[str, list[str]]
 
@@ -87,10 +88,14 @@ async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractSer
 
 
 @contextlib.contextmanager
-def daemon_lock(spool: Spool, wait: float) -> Iterator[bool]:
-    """Hold the spool's daemon lock; yields False (holding nothing) if it stayed busy for
-    `wait` seconds. The supervisor holds it for its lifetime, an offline CLI for one command."""
-    fd = os.open(spool.run_path(DAEMON_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+def spool_lock(spool: Spool, name: str, wait: float) -> Iterator[bool]:
+    """Hold run/<name>; yields False (holding nothing) if it stayed busy for `wait` seconds.
+
+    daemon.lock: the supervisor for its lifetime, or an offline CLI for one command.
+    scheduler.lock: the scheduler process, so that a scheduler orphaned by a killed supervisor
+    finishes before its successor starts delivering.
+    """
+    fd = os.open(spool.run_path(name), os.O_RDWR | os.O_CREAT, 0o600)
     deadline = time.monotonic() + wait
     try:
         while True:
@@ -114,7 +119,7 @@ def request(spool: Spool, op: str, target: str) -> Result:
     """Run op on target ("ALL" or a queue id) live if the daemon runs, else on the spool."""
     if not spool.run_path("").exists():
         raise ControlError(f"{spool.root} is not a relay spool (no run/ directory)")
-    with daemon_lock(spool, wait=0) as offline:
+    with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
         if offline:
             return _offline(spool, op, target)
     return _live(spool, {"op": op, "target": target})

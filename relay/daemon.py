@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -19,6 +23,9 @@ from relay.spool import Spool
 
 ROLES = ("intake", "scheduler")
 READY_FD = "RELAY_READY_FD"
+SUPERVISOR_PID = "RELAY_SUPERVISOR_PID"
+PR_SET_PDEATHSIG = 1
+BIND_RETRY = 5.0
 START_TIMEOUT = 30.0
 # Seconds for SMTP sessions and deliveries in flight to finish after SIGTERM.
 GRACE = 30.0
@@ -40,7 +47,7 @@ def serve(config_file: str | None, cfg: config.Config) -> int:
         spool.prepare()
     except OSError as exc:
         raise StartupError(f"cannot create spool {cfg.spool.path}: {exc.strerror}") from None
-    with control.daemon_lock(spool, wait=10.0) as held:
+    with control.spool_lock(spool, control.DAEMON_LOCK, wait=10.0) as held:
         if not held:
             raise StartupError(f"another relay is running on spool {cfg.spool.path}")
         logs.event("recovered", spool=str(spool.root), **spool.recover())
@@ -80,7 +87,8 @@ class Supervisor:
     async def _spawn(self, role: str) -> None:
         self.children[role] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "worker", role, *self.config_args,
-            pass_fds=(self.write_fd,), env={**os.environ, READY_FD: str(self.write_fd)},
+            pass_fds=(self.write_fd,),
+            env={**os.environ, READY_FD: str(self.write_fd), SUPERVISOR_PID: str(os.getpid())},
         )  # fmt: skip
         logs.event("started", role=role, pid=self.children[role].pid)
 
@@ -149,6 +157,7 @@ class Supervisor:
 def worker(role: str, cfg: config.Config) -> int:
     """`relay worker ROLE`: one process of the daemon, started by the supervisor."""
     logs.configure(role)
+    _die_with_parent()
     runner: Callable[[config.Config], Coroutine[Any, Any, int]] = {
         "intake": run_intake,
         "scheduler": run_scheduler,
@@ -159,11 +168,17 @@ def worker(role: str, cfg: config.Config) -> int:
 async def run_intake(cfg: config.Config) -> int:
     spool = Spool(cfg.spool.path)
     notify = intake.Notifier(spool.socket_address(control.WAKE_SOCKET))
-    try:
-        servers = await intake.serve(cfg, spool, notify)
-    except OSError as exc:
-        logs.event("error", level="error", stage="intake", error=f"cannot listen: {exc}")
-        return 1
+    deadline = time.monotonic() + BIND_RETRY
+    while True:
+        try:
+            servers = await intake.serve(cfg, spool, notify)
+            break
+        except OSError as exc:
+            # A predecessor orphaned by a killed supervisor may still be closing its sockets.
+            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                logs.failure("intake", exc, action="listen")
+                return 1
+            await asyncio.sleep(0.2)
     _report_ready("intake", listen=[f"{h}:{p}" for h, p in cfg.smtp.listen])
     await _until_signalled()
     for server in servers:
@@ -174,6 +189,14 @@ async def run_intake(cfg: config.Config) -> int:
 
 async def run_scheduler(cfg: config.Config) -> int:
     spool = Spool(cfg.spool.path)
+    with control.spool_lock(spool, control.SCHEDULER_LOCK, wait=GRACE + 10) as held:
+        if not held:
+            logs.event("error", level="error", stage="scheduler", error="scheduler.lock is held")
+            return 1
+        return await _schedule(cfg, spool)
+
+
+async def _schedule(cfg: config.Config, spool: Spool) -> int:
     scheduler = Scheduler(cfg, spool, Resolver(cfg.delivery.dns), Courier(cfg.delivery))
     server = await control.serve(scheduler, spool)
     wake = await control.listen_wake(scheduler, spool)
@@ -190,6 +213,15 @@ async def run_scheduler(cfg: config.Config) -> int:
     await running
     logs.event("stopped", cancelled=cut)
     return 0
+
+
+def _die_with_parent() -> None:
+    """Linux PR_SET_PDEATHSIG: SIGTERM (a graceful stop) when the supervisor dies, even by
+    kill -9, so no worker outlives it and holds the port or the spool."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(os.environ.get(SUPERVISOR_PID, os.getppid())):
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before prctl took effect
 
 
 def _report_ready(role: str, **fields: Any) -> None:

@@ -8,9 +8,12 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import threading
 import time
 from collections import Counter
+
+import pytest
 
 from tests.support.daemon import Relay, RelayFactory
 from tests.support.dns import DnsServer
@@ -143,3 +146,45 @@ def test_intake_write_failure_is_a_4xx_and_leaves_nothing(
     tmp.unlink()
     tmp.mkdir()
     daemon.send(["user@a.test"])  # and it recovers by itself once the disk is fine
+
+
+def test_kill9_of_the_supervisor_alone_takes_the_workers_down(
+    relay: RelayFactory, sink: MxSink
+) -> None:
+    daemon = relay()
+    workers = [daemon.worker_pid(role) for role in ("intake", "scheduler")]
+    assert daemon.proc is not None
+    os.kill(daemon.proc.pid, signal.SIGKILL)  # only the supervisor
+    daemon.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(pid_alive(pid) for pid in workers), "a worker outlived its supervisor"
+    daemon.start()  # the port and the spool are free again
+    daemon.send(["after@a.test"])
+    sink.wait_for(1)
+
+
+def test_port_in_use_fails_start_with_one_error(relay: RelayFactory, sink: MxSink) -> None:
+    daemon = relay(start=False)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", daemon.port))
+        squatter.listen()
+        with pytest.raises(AssertionError):
+            daemon.start(timeout=15)
+        assert daemon.proc is not None and daemon.proc.wait(20) == 1
+    [error] = daemon.events("error", stage="intake")
+    assert "address already in use" in error["error"].lower() and error["action"] == "listen"
+    assert str(daemon.port) in error["error"]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead, just not reaped yet
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
