@@ -3,12 +3,13 @@ as the CLI shows them."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Any
 
 from tests.support.daemon import Relay, RelayFactory
 from tests.support.dns import DnsServer
-from tests.support.mx import MxNet, MxSink
+from tests.support.mx import HANG, MxNet, MxSink
 
 BODY = (
     b"Subject: hello\r\nFrom: app@sender.test\r\n\r\nline one\r\n.starts with a dot\r\n\r\nend\r\n"
@@ -209,3 +210,16 @@ def test_new_mail_is_picked_up_without_waiting_for_a_scan(
     # The wake-up, not the hourly scan, started it. The 100 ms target itself is measured by
     # bench/smoke.py (pickup_p50_ms), not asserted here: timings are not tests.
     assert stamp(attempt) - stamp(received) < 1.0
+
+
+def test_global_concurrency_limit(relay: RelayFactory, sink: MxSink) -> None:
+    sink.script_data(HANG)  # every transaction stays open after its final dot
+    daemon = relay({"delivery": {"concurrency": 2, "data_timeout": "3s"}})
+    ids = [daemon.send([f"u{n}@a.test"]) for n in range(5)]
+    daemon.wait_event("attempt", count=2)
+    time.sleep(1.0)  # room for a third connection, if the limit leaked
+    assert sink.connections == 2
+    assert len(daemon.events("attempt")) == 2
+    sink.script_data("250 2.0.0 ok")
+    daemon.wait_event("delivered", count=5, timeout=30)
+    assert {e["id"] for e in daemon.events("delivered")} == set(ids)
