@@ -323,8 +323,7 @@ class Scheduler:
     async def delete(self, target: str) -> dict[str, list[str]]:
         """Delete now, or, for a message in flight, as soon as its current attempt ends."""
         done, busy, missing = [], [], []
-        ids = self.targets(target) if target == "ALL" else [target]
-        for msg_id in ids:
+        for msg_id in self.targets(target):
             entry = self.index.get(msg_id)
             if entry is not None and entry.running:
                 entry.deleted = True

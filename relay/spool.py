@@ -243,11 +243,11 @@ class Spool:
     def _dead_record(self, msg: Message) -> Message:
         try:
             return self.load(msg.id, DEAD)
-        except CorruptEntry:
-            raise
+        except CorruptEntry as exc:
+            self.quarantine(msg.id, DEAD, str(exc))  # and start a fresh record
         except SpoolError:
-            fields = {**vars(msg), "recipients": []}
-            return Message(**fields)
+            pass
+        return Message(**{**vars(msg), "recipients": []})
 
     def remove(self, msg_id: str, where: str = QUEUE) -> None:
         """Remove a queue or dead-letter entry; its content goes when no other entry needs it."""
@@ -283,9 +283,14 @@ class Spool:
     # --- recovery ----------------------------------------------------------------------------
 
     def quarantine(self, msg_id: str, where: str, reason: str) -> None:
-        """Move an unreadable state file and its content into corrupt/, with a log line."""
+        """Move an unreadable state file into corrupt/ with a log line; its content goes too
+        unless the other state (queue or dead) still needs it."""
         target = self.root / CORRUPT
-        for path in (self.state_path(msg_id, where), self.content_path(msg_id)):
+        other = DEAD if where == QUEUE else QUEUE
+        paths = [self.state_path(msg_id, where)]
+        if not self.state_path(msg_id, other).exists():
+            paths.append(self.content_path(msg_id))
+        for path in paths:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(path, target / f"{where}.{path.name}")
         _fsync_dir(target)
@@ -329,12 +334,14 @@ class Spool:
             for chunk in chunks:
                 _write_all(fd, chunk)
             os.fsync(fd)
-        except BaseException:
             os.close(fd)
+            fd = -1
+            os.replace(tmp, path)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
             _unlink(tmp)
             raise
-        os.close(fd)
-        os.replace(tmp, path)
         _fsync_dir(path.parent)
 
 
