@@ -151,6 +151,10 @@ class Scheduler:
             if entry is None or entry.running or entry.due != due:
                 continue  # a stale heap item: deleted, in flight, or rescheduled since
             await self.slots.acquire()
+            if self.stopping:  # SIGTERM came while we waited for a slot
+                self.slots.release()
+                heapq.heappush(self.heap, (due, msg_id))
+                return
             entry.running = True
             task = asyncio.create_task(self._attempt(entry))
             self.tasks.add(task)
