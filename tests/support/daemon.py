@@ -43,11 +43,14 @@ class Relay:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}"
         self.spool = root / "spool"
         self.config = root / "relay.yaml"
         base = {
             "smtp": {"listen": [f"127.0.0.1:{self.port}"], "hostname": "relay.test"},
             "spool": {"path": str(self.spool)},
+            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
             "delivery": {
                 "helo_name": "relay.test",
                 "connect_timeout": "2s",

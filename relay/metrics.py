@@ -1,0 +1,134 @@
+"""Observation stage: every Prometheus metric of the relay, declared together, with bounded
+label sets that exist (at zero) before the first event.
+
+The intake and scheduler processes write their values to files in run/metrics/
+(prometheus-client's multiprocess mode, switched on by PROMETHEUS_MULTIPROC_DIR, which the
+supervisor sets for them); the supervisor aggregates those files at each scrape and adds
+what it measures itself (dead letters, free spool space, build info).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from relay import __version__
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REJECT_REASONS = (
+    "relay_denied", "bad_address", "smtputf8_required", "too_many_recipients",
+    "message_too_big", "bare_line_end", "local_error", "shutting_down",
+)  # fmt: skip
+QUEUE_STATES = ("queued", "active", "deferred", "held")
+ATTEMPT_OUTCOMES = ("delivered", "temporary", "permanent")
+RECIPIENT_RESULTS = ("delivered", "bounced", "expired")
+OTHER_PROVIDER = "other"
+
+# --- intake ---------------------------------------------------------------------------------
+RECEIVED = Counter("relay_messages_received", "Messages accepted with 250 after DATA.")
+REJECTED = Counter(
+    "relay_messages_rejected", "Commands or messages refused at intake, by reason.", ["reason"]
+)
+SESSIONS = Gauge(
+    "relay_smtp_sessions_active", "Open SMTP client sessions.", multiprocess_mode="livesum"
+)
+INTAKE_SECONDS = Histogram(
+    "relay_intake_seconds",
+    "From the end of DATA to the 250 reply (durable write included).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+# --- scheduler ------------------------------------------------------------------------------
+QUEUE = Gauge(
+    "relay_queue_messages", "Queued messages by state.", ["state"], multiprocess_mode="livesum"
+)
+OLDEST = Gauge(
+    "relay_queue_oldest_message_age_seconds",
+    "Age of the oldest message in the queue (0 when empty): the backlog signal.",
+    multiprocess_mode="livemax",
+)
+ATTEMPTS = Counter(
+    "relay_delivery_attempts",
+    "Recipient delivery attempts by outcome and destination provider.",
+    ["outcome", "provider"],
+)
+DEFERRALS = Counter(
+    "relay_delivery_deferrals",
+    "Recipients deferred (temporary failure) by destination provider.",
+    ["provider"],
+)
+DURATION = Histogram(
+    "relay_delivery_duration_seconds",
+    "One SMTP transaction to one domain: DNS, connect, through the final reply.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+)
+RECIPIENTS = Counter(
+    "relay_recipients", "Recipients reaching a final result.", ["result"]
+)
+
+
+def prime(providers: Iterable[str]) -> None:
+    """Create every label combination so that each series reports 0 before its first event."""
+    for reason in REJECT_REASONS:
+        REJECTED.labels(reason)
+    for state in QUEUE_STATES:
+        QUEUE.labels(state)
+    names = [*providers, OTHER_PROVIDER]
+    for provider in names:
+        DEFERRALS.labels(provider)
+        for outcome in ATTEMPT_OUTCOMES:
+            ATTEMPTS.labels(outcome, provider)
+    for result in RECIPIENT_RESULTS:
+        RECIPIENTS.labels(result)
+
+
+# --- supervisor: aggregation and its own measurements ---------------------------------------
+
+
+def reset_directory(path: Path) -> None:
+    """Start each daemon run with no value files from a previous one."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700, parents=True)
+
+
+def forget_process(path: Path, pid: int) -> None:
+    """Drop the live gauges of a worker that exited (its counters stay counted)."""
+    multiprocess.mark_process_dead(pid, str(path))
+
+
+class SpoolCollector(Collector):
+    """Measured at scrape time: dead letters, free spool space, and what this build is."""
+
+    def __init__(self, spool_root: Path) -> None:
+        self.spool_root = spool_root
+
+    def collect(self) -> Iterator[Metric]:
+        dead = sum(1 for n in os.listdir(self.spool_root / "dead") if n.endswith(".json"))
+        yield GaugeMetricFamily(
+            "relay_dead_letter_messages", "Messages in the dead-letter spool.", value=dead
+        )
+        usage = shutil.disk_usage(self.spool_root)
+        yield GaugeMetricFamily(
+            "relay_spool_free_bytes", "Free bytes on the spool's file system.", value=usage.free
+        )
+        info = GaugeMetricFamily(
+            "relay_build_info", "Version of relay and Python.", labels=["version", "python"]
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+
+def registry(multiproc_dir: Path, spool_root: Path) -> CollectorRegistry:
+    """The supervisor's registry: all workers' values plus the spool collector."""
+    reg = CollectorRegistry()
+    multiprocess.MultiProcessCollector(reg, path=str(multiproc_dir))
+    reg.register(SpoolCollector(spool_root))
+    return reg
