@@ -7,15 +7,26 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from relay import config, control, daemon
+from relay import config, control, daemon, summary
+from relay.queueops import PAST
 from relay.spool import DEAD, QUEUE, Message, Spool, SpoolError, is_id, iter_messages
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
+ACTIONS = {"queue": ("flush", "delete", "hold", "release"), "dlq": ("requeue", "delete")}
+HELP = {
+    "flush": "attempt now (default ALL); held messages stay held",
+    "delete": "delete ID, ALL, or with --domain that domain's recipients",
+    "hold": "keep from delivery until released",
+    "release": "release held messages, due now",
+    "requeue": "put dead letters back into the queue, due now",
+    "summary": "messages by recipient domain and age, like Postfix's qshape",
+}
 EX_USAGE, EX_CONFIG = 2, 78  # sysexits.h; systemd can use RestartPreventExitStatus=78
 
 
@@ -45,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("serve", parents=[common], help="run the relay (supervisor, intake, scheduler)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
-    worker = sub.add_parser("worker", parents=[common])
-    worker.add_argument("role", choices=daemon.ROLES)
+    sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
     for name, where in (("queue", "queued messages"), ("dlq", "the dead-letter spool")):
         group = sub.add_parser(name, help=f"inspect and steer {where}").add_subparsers(
             dest="action", required=True, parser_class=Parser
@@ -54,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         listing = group.add_parser("list", parents=[common], help=f"list {where}")
         listing.add_argument("--json", action="store_true", help="print one JSON array")
         group.add_parser("show", parents=[common], help="show one message").add_argument("id")
-        actions = {"queue": ("flush", "delete"), "dlq": ("requeue", "delete")}[name]
-        for action in actions:
-            cmd = group.add_parser(action, parents=[common], help=f"{action} ID or ALL")
-            cmd.add_argument("target", metavar="ID|ALL", nargs="?" if action == "flush" else None)
+        if name == "queue":
+            shape = group.add_parser("summary", parents=[common], help=HELP["summary"])
+            shape.add_argument("--json", action="store_true", help="print one JSON object")
+            shape.add_argument("--top", type=int, metavar="N", help="only the N busiest domains")
+        for action in ACTIONS[name]:
+            cmd = group.add_parser(action, parents=[common], help=HELP[action])
+            cmd.add_argument("target", metavar="ID|ALL", nargs="?")
+            if name == "queue":
+                cmd.add_argument("--domain", help="only this recipient domain")
     return parser
 
 
@@ -91,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         except daemon.StartupError as exc:
             raise Fail(str(exc)) from None
     if args.command == "worker":
-        return daemon.worker(args.role, cfg)
+        return daemon.worker(args.role, config_file, cfg)
     spool = Spool(cfg.spool.path)
     if not spool.root.is_dir():
         raise Fail(f"spool {spool.root} does not exist (has the relay run with this config?)")
@@ -121,6 +136,7 @@ def item(msg: Message, where: str) -> dict[str, Any]:
             iso(rcpt.first_attempt),
             iso(rcpt.last_attempt),
         )
+        data["history"] = [{**h, "at": iso(h.get("at"))} for h in rcpt.history]
         recipients.append(data)
     out: dict[str, Any] = {
         "id": msg.id,
@@ -131,7 +147,8 @@ def item(msg: Message, where: str) -> dict[str, Any]:
         "size": msg.size,
     }
     if where == QUEUE:
-        out["next_attempt"] = iso(msg.next_attempt)
+        out["next_attempt"] = None if msg.held else iso(msg.next_attempt)
+        out["held"] = msg.held
     else:
         reasons = {r["reason"] for r in recipients if "reason" in r}
         out["reason"] = reasons.pop() if len(reasons) == 1 else "mixed"
@@ -156,15 +173,16 @@ def render(messages: list[Message], where: str) -> str:
     lines = [f"{'-Queue ID-':<21}{'--Size--':>9} {'----Arrival Time----':<21}-Sender/Recipient-"]
     for msg in messages:
         arrival = datetime.fromtimestamp(msg.queued_at, UTC).strftime("%a %b %d %H:%M:%S")
-        lines.append(f"{msg.id:<21}{msg.size:>9} {arrival:<21}{msg.sender or '<>'}")
+        mark = "!" if msg.held else ""  # as in mailq: ! is on hold
+        lines.append(f"{msg.id + mark:<21}{msg.size:>9} {arrival:<21}{msg.sender or '<>'}")
         for rcpt in msg.recipients:
             if where == DEAD and not rcpt.final:
                 continue
-            if rcpt.reply is not None and rcpt.status != "delivered":
+            if where == QUEUE and rcpt.final:
+                continue  # mailq shows what still waits; `show` has the rest
+            if rcpt.reply is not None:
                 lines.append(f"{'':>52}({rcpt.status}: {rcpt.reply})")
-            lines.append(
-                f"{'':>52}{rcpt.address}" + (" (delivered)" * (rcpt.status == "delivered"))
-            )
+            lines.append(f"{'':>52}{rcpt.address}")
         lines.append("")
     total = sum(m.size for m in messages)
     lines.append(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} Requests.")
@@ -207,12 +225,19 @@ def checked_id(text: str | None, *, allow_all: bool) -> str:
 
 
 def act(spool: Spool, args: argparse.Namespace) -> int:
-    """flush/delete/requeue through the daemon (or the spool if it is stopped)."""
+    """Queue and dead-letter actions, through the daemon (or the spool if it is stopped)."""
+    domain = getattr(args, "domain", None)
+    if args.target is None and domain is None and args.action != "flush":
+        raise Fail(f"{args.command} {args.action}: give ID, ALL or --domain", EX_USAGE)
     target = checked_id(args.target, allow_all=True)
+    if domain is not None:
+        domain = domain.lower().rstrip(".")
+        if not domain:
+            raise Fail("--domain: empty domain", EX_USAGE)
     if (args.command, args.action) == ("dlq", "delete"):
         result = delete_dead(spool, target)
     else:
-        result = control.request(spool, args.action, target)
+        result = control.request(spool, args.action, target, domain)
     return report(args.action, target, result)
 
 
@@ -228,25 +253,37 @@ def delete_dead(spool: Spool, target: str) -> dict[str, list[str]]:
     return result
 
 
-PAST = {"flush": "flushed", "delete": "deleted", "requeue": "requeued"}
-
-
 def report(action: str, target: str, result: dict[str, list[str]]) -> int:
-    done, busy, missing = result.get("done", []), result.get("busy", []), result.get("missing", [])
+    """What happened, one line per kind; exit 1 when the one message asked for is not there."""
+    done, busy = result.get("done", []), result.get("busy", [])
+    gone, missing = result.get("gone", []), result.get("missing", [])
     print(f"relay: {PAST[action]} {len(done)} message{'s' * (len(done) != 1)}")
+    if gone:
+        print(f"relay: finished during its delivery attempt, nothing to do: {' '.join(gone)}")
     if busy:
-        when = {"delete": "will be deleted when it ends", "requeue": "try again when it ends"}
-        print(f"relay: in a delivery attempt now, {when[action]}: {' '.join(busy)}")
+        print(f"relay: still in a delivery attempt, try again shortly: {' '.join(busy)}")
     if missing and target != "ALL":
         raise Fail(f"no such message: {' '.join(missing)}")
+    return 1 if busy else 0
+
+
+def queue_summary(spool: Spool, args: argparse.Namespace) -> int:
+    """qshape: queued messages by recipient domain and age."""
+    if args.top is not None and args.top < 0:
+        raise Fail("--top: must be 0 or more", EX_USAGE)
+    shape = summary.summarize(iter_messages(spool, QUEUE), time.time(), top=args.top)
+    print(json.dumps(shape.as_json(), indent=2) if args.json else summary.render(shape))
     return 0
 
 
 COMMANDS: dict[tuple[str, str], Callable[[Spool, argparse.Namespace], int]] = {
     ("queue", "list"): list_entries,
     ("queue", "show"): show,
+    ("queue", "summary"): queue_summary,
     ("queue", "flush"): act,
     ("queue", "delete"): act,
+    ("queue", "hold"): act,
+    ("queue", "release"): act,
     ("dlq", "list"): list_entries,
     ("dlq", "show"): show,
     ("dlq", "requeue"): act,

@@ -3,6 +3,7 @@ errors that name the key and the problem."""
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import os
 import re
@@ -125,6 +126,24 @@ def networks(value: Any) -> tuple[Network, ...]:
     return tuple(_indexed(network, _list(value)))
 
 
+def providers(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """{name: [MX host glob, …]} in order; the first matching pattern names the provider."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r} is not a mapping of provider name to MX host patterns")
+    out = []
+    for name, patterns in value.items():
+        if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]*$", name):
+            raise ValueError(f"{name!r} is not a provider name (lowercase letters, digits, _)")
+        if name == "other":
+            raise ValueError("'other' is implicit (everything that matches no pattern)")
+        try:
+            globs = tuple(str(p).lower() for p in _list(patterns))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        out.append((name, globs))
+    return tuple(out)
+
+
 def path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{value!r} is not a path")
@@ -212,11 +231,53 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    # SIGTERM: how long SMTP sessions and deliveries in flight may take to finish.
+    grace: float = _opt(duration, 30.0)
+
+
+DEFAULT_PROVIDERS = (
+    ("gmail", ("*.google.com", "*.googlemail.com")),
+    ("outlook", ("*.outlook.com", "*.hotmail.com")),
+    ("yahoo", ("*.yahoodns.net", "*.yahoo.com")),
+    ("icloud", ("*.icloud.com", "*.me.com")),
+)
+
+
+@dataclass(frozen=True)
 class Config:
     smtp: SmtpConfig = field(default_factory=SmtpConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    # MX host patterns naming a destination's provider (metrics labels, later shaping).
+    providers: tuple[tuple[str, tuple[str, ...]], ...] = _opt(providers, DEFAULT_PROVIDERS)
+
+    def provider(self, mx_host: str | None) -> str:
+        """The provider whose pattern matches mx_host first, else 'other'."""
+        host = (mx_host or "").lower().rstrip(".")
+        for name, patterns in self.providers:
+            if any(fnmatch.fnmatchcase(host, p) for p in patterns):
+                return name
+        return "other"
+
+    def provider_names(self) -> list[str]:
+        return [name for name, _ in self.providers]
+
+
+# What a SIGHUP cannot change: the process must restart for these.
+RESTART_ONLY = ("smtp.listen", "spool.path", "metrics.listen")
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The keys among RESTART_ONLY whose values differ."""
+
+    def value(cfg: Config, key: str) -> Any:
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    return [key for key in RESTART_ONLY if value(old, key) != value(new, key)]
 
 
 def load(file: str | os.PathLike[str] | None) -> Config:

@@ -12,16 +12,18 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from relay.scheduler import Scheduler
+from relay.queueops import OPS, apply, selects
 from relay.spool import DEAD, QUEUE, Spool, SpoolError
+
+if TYPE_CHECKING:
+    from relay.scheduler import Scheduler
 
 CONTROL_SOCKET = "control.sock"
 WAKE_SOCKET = "wake.sock"
 DAEMON_LOCK = "daemon.lock"
 SCHEDULER_LOCK = "scheduler.lock"
-OPS = ("flush", "delete", "requeue")
 Result = dict[str, list[str]]
 
 
@@ -53,11 +55,9 @@ async def serve(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
 
 
 async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) -> Result:
-    op, target = request["op"], request["target"]
-    if op == "flush":
-        return scheduler.flush(target)
-    if op == "delete":
-        return await scheduler.delete(target)
+    op, target, domain = request["op"], request["target"], request.get("domain")
+    if op in OPS:
+        return await scheduler.operate(op, target, domain)
     if op == "requeue":
         result: Result = {"done": [], "busy": [], "missing": []}
         ids = spool.ids(DEAD) if target == "ALL" else [target]
@@ -115,17 +115,18 @@ def spool_lock(spool: Spool, name: str, wait: float) -> Iterator[bool]:
 # --- the CLI's side ---------------------------------------------------------------------------
 
 
-def request(spool: Spool, op: str, target: str) -> Result:
-    """Run op on target ("ALL" or a queue id) live if the daemon runs, else on the spool."""
+def request(spool: Spool, op: str, target: str, domain: str | None = None) -> Result:
+    """Run op on target ("ALL" or a queue id), optionally only for one recipient domain,
+    live if the daemon runs, else on the spool."""
     if not spool.run_path("").exists():
         raise ControlError(f"{spool.root} is not a relay spool (no run/ directory)")
     with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
         if offline:
-            return _offline(spool, op, target)
-    return _live(spool, {"op": op, "target": target})
+            return _offline(spool, op, target, domain)
+    return _live(spool, {"op": op, "target": target, "domain": domain})
 
 
-def _live(spool: Spool, message: dict[str, str], timeout: float = 10.0) -> Result:
+def _live(spool: Spool, message: dict[str, str | None], timeout: float = 30.0) -> Result:
     """Ask the running scheduler; it may be restarting, so retry for a few seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -137,7 +138,7 @@ def _live(spool: Spool, message: dict[str, str], timeout: float = 10.0) -> Resul
             time.sleep(0.2)
 
 
-def _ask(address: str, message: dict[str, str], timeout: float) -> Result:
+def _ask(address: str, message: dict[str, str | None], timeout: float) -> Result:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(address)
@@ -148,27 +149,29 @@ def _ask(address: str, message: dict[str, str], timeout: float) -> Result:
     return {k: list(v) for k, v in reply.items()}
 
 
-def _offline(spool: Spool, op: str, target: str) -> Result:
+def _offline(spool: Spool, op: str, target: str, domain: str | None) -> Result:
     """The same operations on a stopped daemon's spool, under its lock."""
-    where = DEAD if op == "requeue" else QUEUE
     result: Result = {"done": [], "busy": [], "missing": []}
-    for msg_id in spool.ids(where) if target == "ALL" else [target]:
+    if op == "requeue":
+        for msg_id in spool.ids(DEAD) if target == "ALL" else [target]:
+            try:
+                spool.requeue(msg_id, time.time())
+            except SpoolError:
+                result["missing"].append(msg_id)
+                continue
+            result["done"].append(msg_id)
+        return result
+    for msg_id in spool.ids(QUEUE) if target == "ALL" else [target]:
         try:
-            _apply_offline(spool, op, msg_id)
+            msg = spool.load(msg_id)
         except SpoolError:
             result["missing"].append(msg_id)
             continue
+        if not selects(msg, domain):
+            continue
+        if apply(op, msg, domain, time.time()):
+            spool.remove(msg_id)
+        else:
+            spool.save(msg)
         result["done"].append(msg_id)
     return result
-
-
-def _apply_offline(spool: Spool, op: str, msg_id: str) -> None:
-    if op == "requeue":
-        spool.requeue(msg_id, time.time())
-        return
-    msg = spool.load(msg_id)  # raises SpoolError if it is not queued
-    if op == "delete":
-        spool.remove(msg_id)
-    else:
-        msg.next_attempt = time.time()
-        spool.save(msg)

@@ -1,5 +1,6 @@
-"""Daemon stage: the composition root, a supervisor that recovers the spool and keeps the intake
-and scheduler processes running, and the entry point of each of those processes."""
+"""Daemon stage: the composition root, a supervisor that recovers the spool, keeps the intake
+and scheduler processes running, serves the HTTP endpoint and talks to systemd, and the entry
+point of each of those processes."""
 
 from __future__ import annotations
 
@@ -9,26 +10,27 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from relay import config, control, intake, logs
-from relay.courier import Courier
-from relay.resolver import Resolver
+from relay import config, control, intake, logs, metrics
+from relay.endpoint import Endpoint
 from relay.scheduler import Scheduler
 from relay.spool import Spool
 
 ROLES = ("intake", "scheduler")
-READY_FD = "RELAY_READY_FD"
+STATUS_FD = "RELAY_STATUS_FD"
 SUPERVISOR_PID = "RELAY_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
-BIND_RETRY = 5.0
 START_TIMEOUT = 30.0
-# Seconds for SMTP sessions and deliveries in flight to finish after SIGTERM.
-GRACE = 30.0
+BIND_RETRY = 5.0
+HEARTBEAT = 1.0  # workers report "alive" this often
+STALE = 10.0  # a worker silent this long is not ready (and systemd's watchdog is not fed)
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -51,167 +53,367 @@ def serve(config_file: str | None, cfg: config.Config) -> int:
         if not held:
             raise StartupError(f"another relay is running on spool {cfg.spool.path}")
         logs.event("recovered", spool=str(spool.root), **spool.recover())
-        return asyncio.run(Supervisor(config_file).run())
+        return asyncio.run(Supervisor(config_file, cfg, spool).run())
 
 
 class Supervisor:
-    """Starts the worker processes, reports readiness, restarts a worker that dies."""
+    """Starts the workers, reports readiness (HTTP, systemd), restarts a worker that dies,
+    reloads on SIGHUP and drains on SIGTERM."""
 
-    def __init__(self, config_file: str | None) -> None:
-        self.config_args = ["--config", config_file] if config_file else []
-        self.stop = asyncio.Event()
-        self.ready: asyncio.Queue[str] = asyncio.Queue()
+    def __init__(self, config_file: str | None, cfg: config.Config, spool: Spool) -> None:
+        self.config_file = config_file
+        self.cfg = cfg
+        self.spool = spool
+        self.metrics_dir = spool.run_path("metrics")
+        self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
         self.children: dict[str, asyncio.subprocess.Process] = {}
+        self.ready: set[str] = set()
+        self.seen: dict[str, float] = {}
+        self.buffer = b""
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop.set)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+        metrics.reset_directory(self.metrics_dir)
+        endpoint = Endpoint(metrics.registry(self.metrics_dir, self.spool.root), self.problems)
+        try:
+            server = await endpoint.start(*self.cfg.metrics.listen)
+        except OSError as exc:
+            logs.failure("supervisor", exc, action="listen", listen=self.cfg.metrics.listen)
+            return 1
         read_fd, self.write_fd = os.pipe()
-        loop.add_reader(read_fd, self._on_ready, read_fd)
+        loop.add_reader(read_fd, self._on_status, read_fd)
         for role in ROLES:
             await self._spawn(role)
         if not await self._await_ready():
-            await self._terminate()
+            await self._terminate(grace=0.0)
             return 1
-        logs.event("ready", pid=os.getpid())
+        logs.event(
+            "ready",
+            pid=os.getpid(),
+            metrics=f"{self.cfg.metrics.listen[0]}:{self.cfg.metrics.listen[1]}",
+        )
+        notify_systemd("READY=1", f"STATUS=relaying, pid {os.getpid()}")
+        watchdog = asyncio.ensure_future(self._feed_watchdog())
         await self._supervise()
-        await self._terminate()
+        watchdog.cancel()
+        server.close()
         logs.event("stopped")
         return 0
 
-    def _on_ready(self, fd: int) -> None:
-        for role in os.read(fd, 4096).decode().split():
-            self.ready.put_nowait(role)
+    # --- worker status: ready and alive lines on a pipe --------------------------------------
+
+    def _on_status(self, fd: int) -> None:
+        self.buffer += os.read(fd, 4096)
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for line in lines:
+            role, _, word = line.decode().partition(" ")
+            self.seen[role] = time.monotonic()
+            if word == "ready":
+                self.ready.add(role)
+
+    def problems(self) -> list[str]:
+        """Why the relay is not ready (for /readyz and the watchdog); empty when it is."""
+        out = []
+        now = time.monotonic()
+        for role in ROLES:
+            if role not in self.ready:
+                out.append(f"{role}: not started")
+            elif now - self.seen.get(role, 0.0) > STALE:
+                out.append(f"{role}: no heartbeat for {now - self.seen[role]:.0f}s")
+        probe = self.spool.root / "tmp" / f"readyz.{secrets.token_hex(4)}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            out.append(f"spool: not writable: {exc.strerror}")
+        return out
+
+    async def _feed_watchdog(self) -> None:
+        """systemd's WatchdogSec: ping only while every worker is alive."""
+        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if not usec:
+            return
+        while True:
+            await asyncio.sleep(usec / 2e6)
+            if not await asyncio.to_thread(self.problems):
+                notify_systemd("WATCHDOG=1")
+
+    # --- worker processes --------------------------------------------------------------------
 
     async def _spawn(self, role: str) -> None:
+        config_args = ["--config", self.config_file] if self.config_file else []
+        env = {
+            **os.environ,
+            STATUS_FD: str(self.write_fd),
+            SUPERVISOR_PID: str(os.getpid()),
+            metrics.MULTIPROC_ENV: str(self.metrics_dir),
+        }
+        self.ready.discard(role)
         self.children[role] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay", "worker", role, *self.config_args,
-            pass_fds=(self.write_fd,),
-            env={**os.environ, READY_FD: str(self.write_fd), SUPERVISOR_PID: str(os.getpid())},
+            sys.executable, "-m", "relay", "worker", role, *config_args,
+            pass_fds=(self.write_fd,), env=env,
         )  # fmt: skip
         logs.event("started", role=role, pid=self.children[role].pid)
 
     async def _await_ready(self) -> bool:
         """Every worker must report ready before any of them exits or START_TIMEOUT passes."""
-        missing = set(ROLES)
-        exits = {role: asyncio.ensure_future(p.wait()) for role, p in self.children.items()}
-        try:
-            while missing and not self.stop.is_set():
-                ready = asyncio.ensure_future(self.ready.get())
-                done, _ = await asyncio.wait(
-                    [ready, *exits.values()], timeout=START_TIMEOUT,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )  # fmt: skip
-                ready.cancel()
-                failed = [role for role, task in exits.items() if task in done]
-                if failed or not done:
-                    logs.event("error", level="error", failed=failed or sorted(missing),
-                               error="worker did not start; see its log lines above")  # fmt: skip
-                    return False
-                missing.discard(ready.result())
-        finally:
-            for task in exits.values():
-                task.cancel()
-        return not self.stop.is_set()
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.ready != set(ROLES):
+            exited = [r for r, p in self.children.items() if p.returncode is not None]
+            if exited or time.monotonic() > deadline or not self.signals.empty():
+                failed = exited or sorted(set(ROLES) - self.ready)
+                logs.event("error", level="error", failed=failed, error="worker did not start")
+                return False
+            await asyncio.sleep(0.02)
+        return True
 
     async def _supervise(self) -> None:
-        """Wait for a stop signal; restart any worker that exits meanwhile, with backoff."""
+        """Until SIGTERM: restart exited workers with backoff, reload on SIGHUP."""
         restarts = dict.fromkeys(ROLES, 0)
-        while not self.stop.is_set():
+        while True:
             waits = {asyncio.ensure_future(p.wait()): role for role, p in self.children.items()}
-            stop = asyncio.ensure_future(self.stop.wait())
-            done, _ = await asyncio.wait([stop, *waits], return_when=asyncio.FIRST_COMPLETED)
-            for task in [stop, *waits]:
+            sig = asyncio.ensure_future(self.signals.get())
+            done, _ = await asyncio.wait([sig, *waits], return_when=asyncio.FIRST_COMPLETED)
+            for task in waits:
                 task.cancel()
+            if sig in done and sig.result() == signal.SIGHUP:
+                self._reload()
+            elif sig in done:
+                await self._terminate(self.cfg.lifecycle.grace)
+                return
+            sig.cancel()
             for task in done & waits.keys():
                 role = waits[task]
-                logs.event("child_exited", level="error", role=role, code=task.result())
-                delay = RESTART_BACKOFF[min(restarts[role], len(RESTART_BACKOFF) - 1)]
-                restarts[role] += 1
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stop.wait(), delay)
-                if not self.stop.is_set():
-                    logs.event("child_restarting", role=role, after=delay)
-                    await self._spawn(role)
+                await self._restart(role, task.result(), restarts)
 
-    async def _terminate(self) -> None:
-        """SIGTERM every worker; SIGKILL what is still running after the grace period."""
-        logs.event("stopping")
+    async def _restart(self, role: str, code: int, restarts: dict[str, int]) -> None:
+        logs.event("child_exited", level="error", role=role, code=code)
+        metrics.forget_process(self.metrics_dir, self.children[role].pid)
+        delay = RESTART_BACKOFF[min(restarts[role], len(RESTART_BACKOFF) - 1)]
+        restarts[role] += 1
+        logs.event("child_restarting", role=role, after=delay)
+        await asyncio.sleep(delay)
+        await self._spawn(role)
+
+    def _reload(self) -> None:
+        """SIGHUP: validate the file, then let each worker apply it; restart-only keys are
+        named (they keep their running values)."""
+        notify_systemd(
+            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
+        )
+        try:
+            new = config.load(self.config_file)
+        except config.ConfigError as exc:
+            logs.event("reload_failed", level="error", error=str(exc))
+            notify_systemd("READY=1")
+            return
+        logs.event("reloaded", restart_needed_for=config.restart_only_changes(self.cfg, new))
+        self.cfg = new
+        for proc in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+        notify_systemd("READY=1")
+
+    async def _terminate(self, grace: float) -> None:
+        """SIGTERM every worker; a second SIGTERM here is passed on (workers then cut at once);
+        SIGKILL what is still running a little after the grace period."""
+        logs.event("stopping", grace=grace)
+        notify_systemd("STOPPING=1")
         live = [p for p in self.children.values() if p.returncode is None]
         for proc in live:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
-        try:
-            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in live)), GRACE + 5)
-        except TimeoutError:
+        exits = asyncio.ensure_future(asyncio.gather(*(p.wait() for p in live)))
+        deadline = time.monotonic() + grace + 5.0
+        while not exits.done() and time.monotonic() < deadline:
+            sig = asyncio.ensure_future(self.signals.get())
+            waiting: list[asyncio.Future[Any]] = [exits, sig]
+            await asyncio.wait(
+                waiting, timeout=deadline - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+            )
+            if sig.done() and sig.result() != signal.SIGHUP:
+                for proc in live:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.terminate()
+            sig.cancel()
+        if not exits.done():
             for proc in live:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-            await asyncio.gather(*(p.wait() for p in live))
+        await exits
+
+
+def notify_systemd(*states: str) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd set it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # an abstract socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
+        sock.sendto("\n".join(states).encode(), address)
 
 
 # --- workers ----------------------------------------------------------------------------------
 
 
-def worker(role: str, cfg: config.Config) -> int:
+def worker(role: str, config_file: str | None, cfg: config.Config) -> int:
     """`relay worker ROLE`: one process of the daemon, started by the supervisor."""
     logs.configure(role)
     _die_with_parent()
-    runner: Callable[[config.Config], Coroutine[Any, Any, int]] = {
+    runner: Callable[[Worker], Coroutine[Any, Any, int]] = {
         "intake": run_intake,
         "scheduler": run_scheduler,
     }[role]
-    return asyncio.run(runner(cfg))
+    return asyncio.run(runner(Worker(role, config_file, cfg)))
 
 
-async def run_intake(cfg: config.Config) -> int:
-    spool = Spool(cfg.spool.path)
-    notify = intake.Notifier(spool.socket_address(control.WAKE_SOCKET))
+class Worker:
+    """What both workers share: their config, signals, and the status pipe to the supervisor."""
+
+    def __init__(self, role: str, config_file: str | None, cfg: config.Config) -> None:
+        self.role = role
+        self.config_file = config_file
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool.path)
+        self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+
+    def listen_for_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
+
+    def status(self, word: str) -> None:
+        fd = os.environ.get(STATUS_FD)
+        if fd:
+            with contextlib.suppress(OSError):
+                os.write(int(fd), f"{self.role} {word}\n".encode())
+
+    def ready(self, **fields: Any) -> None:
+        logs.event("ready", **fields)
+        self.status("ready")
+
+    def reload(self) -> config.Config | None:
+        """Read the config file again; None (and a log line) if it is not valid."""
+        try:
+            self.cfg = config.load(self.config_file)
+        except config.ConfigError as exc:
+            logs.event("reload_failed", level="error", error=str(exc))
+            return None
+        logs.event("reloaded")
+        return self.cfg
+
+    async def until_stop(
+        self,
+        on_reload: Callable[[config.Config], Coroutine[Any, Any, None]],
+        also: asyncio.Future[Any] | None = None,
+    ) -> None:
+        """Serve reloads until SIGTERM/SIGINT (or `also` finishes)."""
+        while True:
+            sig = asyncio.ensure_future(self.signals.get())
+            await asyncio.wait(
+                [sig, *([also] if also else [])], return_when=asyncio.FIRST_COMPLETED
+            )
+            if not sig.done():
+                sig.cancel()
+                return
+            if sig.result() != signal.SIGHUP:
+                return
+            new = self.reload()
+            if new is not None:
+                await on_reload(new)
+
+    async def stop_within_grace(
+        self, stop: Coroutine[Any, Any, int], cut_now: Callable[[], Coroutine[Any, Any, int]]
+    ) -> int:
+        """Run `stop` (drain, then cut at grace); a second SIGTERM cuts at once. Returns the
+        number of sessions or deliveries cut."""
+        logs.event("stopping", grace=self.cfg.lifecycle.grace)
+        stopping = asyncio.ensure_future(stop)
+        cut = 0
+        while not stopping.done():
+            sig = asyncio.ensure_future(self.signals.get())
+            await asyncio.wait([stopping, sig], return_when=asyncio.FIRST_COMPLETED)
+            if sig.done() and sig.result() != signal.SIGHUP:
+                cut += await cut_now()
+            sig.cancel()
+        return cut + stopping.result()
+
+    async def heartbeat(self) -> None:
+        while True:
+            self.status("alive")
+            await asyncio.sleep(HEARTBEAT)
+
+
+async def run_intake(w: Worker) -> int:
+    w.listen_for_signals()
+    handler = intake.IntakeHandler(
+        w.cfg, w.spool, intake.Notifier(w.spool.socket_address(control.WAKE_SOCKET))
+    )
+    servers = await _bind(handler)
+    if servers is None:
+        return 1
+    metrics.prime(w.cfg.provider_names())
+    w.ready(listen=[f"{h}:{p}" for h, p in w.cfg.smtp.listen])
+    beat = asyncio.ensure_future(w.heartbeat())
+
+    async def reload(cfg: config.Config) -> None:
+        handler.cfg = cfg  # new sessions take the new limits; open ones keep theirs
+
+    await w.until_stop(reload)
+
+    async def cut_now() -> int:
+        return handler.cut()
+
+    cut = await w.stop_within_grace(handler.drain(w.cfg.lifecycle.grace), cut_now)
+    for server in servers:
+        server.close()
+    beat.cancel()
+    logs.event("stopped", sessions_cut=cut)
+    return 0
+
+
+async def _bind(handler: intake.IntakeHandler) -> list[asyncio.Server] | None:
     deadline = time.monotonic() + BIND_RETRY
     while True:
         try:
-            servers = await intake.serve(cfg, spool, notify)
-            break
+            return await intake.serve(handler)
         except OSError as exc:
             # A predecessor orphaned by a killed supervisor may still be closing its sockets.
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                 logs.failure("intake", exc, action="listen")
-                return 1
+                return None
             await asyncio.sleep(0.2)
-    _report_ready("intake", listen=[f"{h}:{p}" for h, p in cfg.smtp.listen])
-    await _until_signalled()
-    for server in servers:
-        server.close()
-    logs.event("stopped")
-    return 0
 
 
-async def run_scheduler(cfg: config.Config) -> int:
-    spool = Spool(cfg.spool.path)
-    with control.spool_lock(spool, control.SCHEDULER_LOCK, wait=GRACE + 10) as held:
+async def run_scheduler(w: Worker) -> int:
+    w.listen_for_signals()
+    with control.spool_lock(
+        w.spool, control.SCHEDULER_LOCK, wait=w.cfg.lifecycle.grace + 10
+    ) as held:
         if not held:
             logs.event("error", level="error", stage="scheduler", error="scheduler.lock is held")
             return 1
-        return await _schedule(cfg, spool)
+        return await _schedule(w)
 
 
-async def _schedule(cfg: config.Config, spool: Spool) -> int:
-    scheduler = Scheduler(cfg, spool, Resolver(cfg.delivery.dns), Courier(cfg.delivery))
-    server = await control.serve(scheduler, spool)
-    wake = await control.listen_wake(scheduler, spool)
+async def _schedule(w: Worker) -> int:
+    scheduler = Scheduler(w.cfg, w.spool, heartbeat=lambda: w.status("alive"))
+    server = await control.serve(scheduler, w.spool)
+    wake = await control.listen_wake(scheduler, w.spool)
     running = asyncio.ensure_future(scheduler.run())
-    _report_ready("scheduler", queued=len(scheduler.index))
-    signalled = asyncio.ensure_future(_until_signalled())
-    await asyncio.wait([running, signalled], return_when=asyncio.FIRST_COMPLETED)
+    w.ready()
+    await w.until_stop(scheduler.reconfigure, also=running)
     server.close()
     wake.close()
     if running.done():  # the dispatch loop died: exit non-zero so the supervisor restarts us
-        logs.event("error", level="error", stage="scheduler", error=repr(running.exception()))
+        logs.failure("scheduler", running.exception() or RuntimeError("dispatch loop ended"))
         return 1
-    cut = await scheduler.stop(GRACE)
+    cut = await w.stop_within_grace(scheduler.stop(w.cfg.lifecycle.grace), scheduler.cut)
     await running
-    logs.event("stopped", cancelled=cut)
+    logs.event("stopped", deliveries_cut=cut)
     return 0
 
 
@@ -222,18 +424,3 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != int(os.environ.get(SUPERVISOR_PID, os.getppid())):
         os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before prctl took effect
-
-
-def _report_ready(role: str, **fields: Any) -> None:
-    logs.event("ready", **fields)
-    fd = os.environ.get(READY_FD)
-    if fd:
-        os.write(int(fd), f"{role}\n".encode())
-
-
-async def _until_signalled() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()

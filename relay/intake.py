@@ -13,7 +13,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
-from relay import logs
+from relay import logs, metrics
 from relay.config import Config
 from relay.spool import Message, Recipient, Spool, new_id
 
@@ -45,15 +45,44 @@ REPLY_BAD_ADDRESS = "501 5.1.3 Bad {} address syntax"
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
 REPLY_BARE_LINE_END = "550 5.6.0 Message contains bare CR or LF (RFC 5321 §2.3.8)"
 REPLY_LOCAL_ERROR = "451 4.3.0 Error: queue file write error, try again later"
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's server with RFC 3463 enhanced codes on the replies it writes by itself."""
+    """aiosmtpd's server with RFC 3463 enhanced codes on the replies it writes by itself,
+    counted sessions, and a way to be told the daemon is shutting down."""
 
     _plain_reply = False
+    event_handler: IntakeHandler
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        metrics.SESSIONS.inc()
+        self.event_handler.sessions.add(self)
+        if self.event_handler.draining:
+            self.shut()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        metrics.SESSIONS.dec()
+        self.event_handler.sessions.discard(self)
+
+    def shut(self) -> None:
+        """421 and close (RFC 5321 §3.8): the daemon is stopping."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            metrics.REJECTED.labels("shutting_down").inc()
+            transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
+            transport.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
 
     async def push(self, status: str | bytes) -> None:
         raw = status.encode("utf-8") if isinstance(status, str) else status
+        if raw in REWRITES:
+            metrics.REJECTED.labels("message_too_big").inc()
         await super().push(self._enhance(REWRITES.get(raw, raw)))
 
     def _enhance(self, reply: bytes) -> bytes:
@@ -87,6 +116,34 @@ class IntakeHandler:
         self.cfg = cfg
         self.spool = spool
         self.notify = notify
+        self.sessions: set[RelaySMTP] = set()
+        self.draining = False
+
+    def reject(self, reason: str, reply: str, session: Session, **fields: Any) -> str:
+        """Count and log one refusal, and return its reply."""
+        metrics.REJECTED.labels(reason).inc()
+        logs.event("rejected", reason=reason, client=peer_ip(session), reply=reply, **fields)
+        return reply
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking mail: new connections and idle sessions get 421 at once, sessions in a
+        transaction when it ends. What is still open at grace is cut; returns how many."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.sessions and time.monotonic() < deadline:
+            for session in list(self.sessions):
+                if not session.in_transaction:
+                    session.shut()
+            await asyncio.sleep(0.05)
+        return self.cut()
+
+    def cut(self) -> int:
+        """Close every session now (a second SIGTERM, or the grace period's end)."""
+        self.draining = True
+        open_sessions = [s for s in self.sessions if s.transport and not s.transport.is_closing()]
+        for session in open_sessions:
+            session.shut()
+        return len(open_sessions)
 
     async def handle_EHLO(
         self,
@@ -104,9 +161,14 @@ class IntakeHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         # RFC 5321 §4.5.5: the null reverse-path "<>" is how bounces are sent.
+        if self.draining:  # no new transaction: 421, then close (RFC 5321 §3.8)
+            metrics.REJECTED.labels("shutting_down").inc()
+            if server.transport is not None:
+                asyncio.get_running_loop().call_soon(server.transport.close)
+            return REPLY_SHUTTING_DOWN
         problem = address_problem(address.strip("<>"), envelope.smtp_utf8, allow_empty=True)
         if problem:
-            return problem.format("sender")
+            return self._address_rejected(problem, "sender", session, address)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -115,16 +177,19 @@ class IntakeHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if not self.may_relay(peer_ip(session)):
-            logs.event("rejected", reason="relay_denied", client=peer_ip(session), rcpt=address)
-            return REPLY_RELAY_DENIED.format(address)
+            return self.reject("relay_denied", REPLY_RELAY_DENIED.format(address), session)
         problem = address_problem(address, envelope.smtp_utf8, allow_empty=False)
         if problem:
-            return problem.format("recipient")
+            return self._address_rejected(problem, "recipient", session, address)
         if len(envelope.rcpt_tos) >= self.cfg.smtp.max_recipients:
-            return REPLY_TOO_MANY_RCPTS
+            return self.reject("too_many_recipients", REPLY_TOO_MANY_RCPTS, session)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
+
+    def _address_rejected(self, problem: str, role: str, session: Session, address: str) -> str:
+        reason = "smtputf8_required" if problem == REPLY_NEEDS_SMTPUTF8 else "bad_address"
+        return self.reject(reason, problem.format(role), session, address=address)
 
     def may_relay(self, peer: str) -> bool:
         """RFC 5321 §3.6.2 relaying: only clients inside relay_networks (no open relay)."""
@@ -134,10 +199,10 @@ class IntakeHandler:
         return any(address in net for net in self.cfg.smtp.relay_networks)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        started = time.monotonic()
         content: bytes = envelope.original_content or b""
         if BARE_LINE_END.search(content):
-            logs.event("rejected", reason="bare_line_end", client=peer_ip(session))
-            return REPLY_BARE_LINE_END
+            return self.reject("bare_line_end", REPLY_BARE_LINE_END, session)
         msg = self._message(session, envelope, len(content))
         header = received_header(self.cfg.smtp.hostname, session, envelope, msg.id)
         msg.size += len(header)
@@ -145,8 +210,11 @@ class IntakeHandler:
             await asyncio.to_thread(self.spool.accept, msg, (header, content))
         except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
             logs.failure("intake", exc, id=msg.id)
+            metrics.REJECTED.labels("local_error").inc()
             return REPLY_LOCAL_ERROR
         self.notify(msg.id)
+        metrics.RECEIVED.inc()
+        metrics.INTAKE_SECONDS.observe(time.monotonic() - started)
         logs.event(
             "received", id=msg.id, sender=msg.sender, rcpts=envelope.rcpt_tos,
             size=msg.size, client=peer_ip(session),
@@ -250,12 +318,13 @@ class Notifier:
         self.writer = writer
 
 
-async def serve(cfg: Config, spool: Spool, notify: Callable[[str], None]) -> list[asyncio.Server]:
-    """Bind every listener in smtp.listen; an unbindable address raises OSError."""
-    handler = IntakeHandler(cfg, spool, notify)
+async def serve(handler: IntakeHandler) -> list[asyncio.Server]:
+    """Bind every listener in smtp.listen; an unbindable address raises OSError. Sessions
+    take their limits from handler.cfg when they start, so a reload applies to new ones."""
     loop = asyncio.get_running_loop()
 
     def factory() -> RelaySMTP:
+        cfg = handler.cfg
         return RelaySMTP(
             handler,
             data_size_limit=cfg.smtp.max_message_size,
@@ -266,4 +335,4 @@ async def serve(cfg: Config, spool: Spool, notify: Callable[[str], None]) -> lis
             timeout=cfg.smtp.idle_timeout,
         )
 
-    return [await loop.create_server(factory, host, port) for host, port in cfg.smtp.listen]
+    return [await loop.create_server(factory, h, p) for h, p in handler.cfg.smtp.listen]

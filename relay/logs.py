@@ -15,7 +15,9 @@ EVENTS = frozenset(
     {
         # mail flow
         "received", "rejected", "attempt", "delivered", "deferred", "failed", "expired",
-        "dead_lettered", "requeued", "deleted", "flushed",
+        "retry_scheduled", "dead_lettered",
+        # operator actions
+        "requeued", "deleted", "flushed", "held", "released", "reloaded", "reload_failed",
         # spool and lifecycle
         "quarantined", "recovered", "started", "ready", "stopping", "stopped",
         "child_exited", "child_restarting", "error",

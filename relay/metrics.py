@@ -70,9 +70,7 @@ DURATION = Histogram(
     "One SMTP transaction to one domain: DNS, connect, through the final reply.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
-RECIPIENTS = Counter(
-    "relay_recipients", "Recipients reaching a final result.", ["result"]
-)
+RECIPIENTS = Counter("relay_recipients", "Recipients reaching a final result.", ["result"])
 
 
 def prime(providers: Iterable[str]) -> None:
@@ -101,7 +99,7 @@ def reset_directory(path: Path) -> None:
 
 def forget_process(path: Path, pid: int) -> None:
     """Drop the live gauges of a worker that exited (its counters stay counted)."""
-    multiprocess.mark_process_dead(pid, str(path))
+    multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
 class SpoolCollector(Collector):
@@ -129,6 +127,6 @@ class SpoolCollector(Collector):
 def registry(multiproc_dir: Path, spool_root: Path) -> CollectorRegistry:
     """The supervisor's registry: all workers' values plus the spool collector."""
     reg = CollectorRegistry()
-    multiprocess.MultiProcessCollector(reg, path=str(multiproc_dir))
+    multiprocess.MultiProcessCollector(reg, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
     reg.register(SpoolCollector(spool_root))
     return reg

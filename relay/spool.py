@@ -21,7 +21,8 @@ FORMAT_VERSION = 1
 ID_RE = re.compile(r"^[0-9a-f]{20}$")
 QUEUE, DEAD, MSG, TMP, CORRUPT, RUN = "queue", "dead", "msg", "tmp", "corrupt", "run"
 STATE_SUFFIX = ".json"
-FINAL = frozenset({"delivered", "failed", "expired"})
+FINAL = frozenset({"delivered", "failed", "expired", "deleted"})
+HISTORY_LIMIT = 100  # attempts kept per recipient (the oldest are dropped beyond that)
 FAILED = frozenset({"failed", "expired"})
 
 
@@ -47,13 +48,26 @@ class Recipient:
     """One envelope recipient and everything known about its delivery."""
 
     address: str
-    status: str = "queued"  # queued | deferred | delivered | failed | expired
+    status: str = "queued"  # queued | deferred | delivered | failed | expired | deleted
     attempts: int = 0
     first_attempt: float | None = None
     last_attempt: float | None = None
     reply: Reply | None = None
     mx: str | None = None
     ip: str | None = None
+    # One entry per attempt: {"at", "outcome", "reply", "mx", "ip", "tls"}.
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, at: float, outcome: str, reply: Reply, mx: str | None, ip: str | None,
+               tls: bool) -> None:  # fmt: skip
+        """Apply one attempt's result: status, counters, last reply and the history line."""
+        self.status = outcome
+        self.attempts += 1
+        self.first_attempt = self.first_attempt or at
+        self.last_attempt = at
+        self.reply, self.mx, self.ip = reply, mx, ip
+        entry = {"at": at, "outcome": outcome, "reply": reply.as_dict(), "mx": mx, "ip": ip}
+        self.history = [*self.history, {**entry, "tls": tls}][-HISTORY_LIMIT:]
 
     @property
     def domain(self) -> str:
@@ -83,6 +97,7 @@ class Recipient:
             reply=Reply.from_dict(reply) if reply else None,
             mx=data.get("mx"),
             ip=data.get("ip"),
+            history=list(data.get("history") or []),
         )
 
 
@@ -101,6 +116,7 @@ class Message:
     client: dict[str, str] = field(default_factory=dict)
     dead_at: float | None = None
     requeued_at: float | None = None  # a requeue from the dead letters starts a fresh max_age
+    held: bool = False  # `relay queue hold`: never attempted until released
 
     @property
     def born(self) -> float:
@@ -138,6 +154,7 @@ class Message:
             client=dict(data.get("client") or {}),
             dead_at=data.get("dead_at"),
             requeued_at=data.get("requeued_at"),
+            held=bool(data.get("held", False)),
         )
 
 

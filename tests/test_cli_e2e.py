@@ -112,7 +112,9 @@ def test_commands_on_a_stopped_daemon(relay: RelayFactory, sink: MxSink) -> None
         (["dlq", "requeue", "0123456789abcdef0123"], 1, "no such message"),
         (["queue", "show", "0123456789abcdef0123"], 1, "0123456789abcdef0123: not in queue"),
         (["queue", "explode"], 2, "invalid choice: 'explode'"),
-        (["queue", "delete"], 2, "the following arguments are required: ID|ALL"),
+        (["queue", "delete"], 2, "queue delete: give ID, ALL or --domain"),
+        (["queue", "hold", "--domain", ""], 2, "--domain: empty domain"),
+        (["queue", "summary", "--top", "-1"], 2, "--top: must be 0 or more"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     ],
 )
