@@ -20,6 +20,7 @@ T = TypeVar("T")
 ACCEPT = "250 2.0.0 OK"
 DROP = "<drop>"  # a scripted "reply" that closes the connection instead of answering
 HANG = "<hang>"  # a scripted "reply" that never comes; the connection stays open
+SLOW = "<slow {seconds}> "  # prefix: SLOW.format(seconds=2) + "250 ok" answers 2 s late
 PORT_ATTEMPTS = 20
 PROBE_ADDRESSES = [f"127.0.0.{n}" for n in range(1, 10)]
 
@@ -96,6 +97,9 @@ class _Handler:
 
     async def _answer(self, server: SMTP, key: str) -> str:
         reply = self.sink.next_reply(key)
+        if reply.startswith("<slow "):
+            seconds, _, reply = reply[len("<slow ") :].partition("> ")
+            await asyncio.sleep(float(seconds))
         if reply in (DROP, HANG):
             if reply == DROP:
                 cast(asyncio.Transport, server.transport).abort()
