@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["tests.support.dns", "tests.support.mx", "tests.support.daemon"]
+pytest_plugins = [
+    "tests.support.dns",
+    "tests.support.mx",
+    "tests.support.daemon",
+    "tests.support.prometheus",
+]
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
