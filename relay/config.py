@@ -144,6 +144,89 @@ def providers(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def optional_path(value: Any) -> Path | None:
+    """A path, or "" / null for "not configured"."""
+    return None if value in ("", None) else path(value)
+
+
+def count(value: Any) -> int:
+    """An integer, 0 or more (0 switches a limit off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not an integer of 0 or more")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return str(value)
+
+    return parse
+
+
+TLS_MODES = ("opportunistic", "required", "verify")
+
+
+def tls_policies(value: Any) -> tuple[tuple[str, str], ...]:
+    """{recipient domain: mode}; a leading dot also matches subdomains (".example.com")."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r} is not a mapping of domain to TLS mode")
+    mode = choice(*TLS_MODES)
+    out = []
+    for domain, setting in value.items():
+        name = str(domain).lower().rstrip(".")
+        hostname(name.lstrip("."))
+        try:
+            out.append((name, mode(setting)))
+        except ValueError as exc:
+            raise ValueError(f"{domain}: {exc}") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    key_file: Path
+
+
+def dkim_keys(value: Any) -> tuple[DkimKey, ...]:
+    """[{domain, selector, key_file}, …]: one signing key per sender domain."""
+
+    def key(item: Any) -> DkimKey:
+        if not isinstance(item, Mapping) or set(item) != {"domain", "selector", "key_file"}:
+            raise ValueError(f"{item!r} needs exactly domain, selector and key_file")
+        selector = str(item["selector"])
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", selector):
+            raise ValueError(f"{selector!r} is not a DKIM selector")
+        return DkimKey(hostname(item["domain"]).lower(), selector, path(item["key_file"]))
+
+    keys = _indexed(key, _list(value))
+    domains = [k.domain for k in keys]
+    if len(domains) != len(set(domains)):
+        raise ValueError("one key per domain")
+    return tuple(keys)
+
+
+def header_names(value: Any) -> tuple[str, ...]:
+    def name(item: Any) -> str:
+        if not isinstance(item, str) or not re.match(r"^[!-9;-~]+$", item):
+            raise ValueError(f"{item!r} is not a header field name")
+        return item.lower()
+
+    names = tuple(_indexed(name, _list(value)))
+    if "from" not in names:
+        raise ValueError("must include from (RFC 6376 §5.4)")
+    return names
+
+
 def path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{value!r} is not a path")
@@ -188,6 +271,42 @@ class SmtpConfig:
     )
     # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
     idle_timeout: float = _opt(duration, 300.0)
+    # Listeners that require AUTH (port 587 style; STARTTLS) and implicit TLS ones (port 465).
+    submission: tuple[HostPort, ...] = _opt(host_ports, ())
+    smtps: tuple[HostPort, ...] = _opt(host_ports, ())
+    tls: InboundTlsConfig = field(default_factory=lambda: InboundTlsConfig())
+    auth: AuthConfig = field(default_factory=lambda: AuthConfig())
+    limits: LimitsConfig = field(default_factory=lambda: LimitsConfig())
+
+
+@dataclass(frozen=True)
+class InboundTlsConfig:
+    # PEM certificate chain and key; both empty = no inbound TLS (no STARTTLS, no smtps).
+    cert: Path | None = _opt(optional_path, None)
+    key: Path | None = _opt(optional_path, None)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    # The users file (`relay user add`); empty = no SMTP AUTH.
+    users_file: Path | None = _opt(optional_path, None)
+    # RFC 4954 §4: AUTH PLAIN/LOGIN only over TLS; true also allows it in clear from loopback.
+    plaintext_on_loopback: bool = _opt(boolean, False)
+    # Failed AUTH: each failure is answered after a growing delay; this many within ban_time
+    # and the client IP is refused for ban_time.
+    max_failures: int = _opt(positive_int, 5)
+    ban_time: float = _opt(duration, 900.0)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_connections: int = _opt(count, 1000)
+    # Per client IP, like Postfix's anvil; clients in relay_networks are exempt (Postfix's
+    # smtpd_client_event_limit_exceptions). 0 = no limit.
+    max_connections_per_ip: int = _opt(count, 50)
+    commands_per_minute_per_ip: int = _opt(count, 600)
+    # A session is closed this long after it started, however busy.
+    session_timeout: float = _opt(duration, 1800.0)
 
 
 @dataclass(frozen=True)
@@ -223,11 +342,46 @@ class DeliveryConfig:
     scan_interval: float = _opt(duration, 30.0)
     dns: DnsConfig = field(default_factory=DnsConfig)
     retry: RetryConfig = field(default_factory=RetryConfig)
+    tls: OutboundTlsConfig = field(default_factory=lambda: OutboundTlsConfig())
+    mta_sts: MtaStsConfig = field(default_factory=lambda: MtaStsConfig())
+
+
+@dataclass(frozen=True)
+class OutboundTlsConfig:
+    # opportunistic: STARTTLS when offered, unverified, plain text if it fails (RFC 7435);
+    # required: TLS or a temporary failure, never plain text; verify: required plus a valid
+    # certificate for the MX host name.
+    default: str = _opt(choice(*TLS_MODES), "opportunistic")
+    policies: tuple[tuple[str, str], ...] = _opt(tls_policies, ())
+    # Extra CA certificates (PEM) trusted for verify and MTA-STS; empty = the system's.
+    ca_file: Path | None = _opt(optional_path, None)
+
+
+@dataclass(frozen=True)
+class MtaStsConfig:
+    # RFC 8461: fetch and honour the recipient domain's MTA-STS policy.
+    enabled: bool = _opt(boolean, False)
+    # HTTPS port of https://mta-sts.<domain>/.well-known/mta-sts.txt (443; tests change it).
+    port: int = _opt(port, 443)
+    fetch_timeout: float = _opt(duration, 10.0)
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: HostPort = _opt(host_port, ("127.0.0.1", 9025))
+
+
+DEFAULT_DKIM_HEADERS = (
+    "from", "reply-to", "subject", "date", "to", "cc", "message-id", "in-reply-to",
+    "references", "mime-version", "content-type", "content-transfer-encoding",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    # Signing keys per sender domain (From: header domain); no key = not signed.
+    keys: tuple[DkimKey, ...] = _opt(dkim_keys, ())
+    headers: tuple[str, ...] = _opt(header_names, DEFAULT_DKIM_HEADERS)
 
 
 @dataclass(frozen=True)
@@ -251,6 +405,7 @@ class Config:
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
     # MX host patterns naming a destination's provider (metrics labels, later shaping).
     providers: tuple[tuple[str, tuple[str, ...]], ...] = _opt(providers, DEFAULT_PROVIDERS)
 
@@ -267,7 +422,7 @@ class Config:
 
 
 # What a SIGHUP cannot change: the process must restart for these.
-RESTART_ONLY = ("smtp.listen", "spool.path", "metrics.listen")
+RESTART_ONLY = ("smtp.listen", "smtp.submission", "smtp.smtps", "spool.path", "metrics.listen")
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -303,7 +458,23 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}:{where} {problem}") from None
     if data is None:
         data = {}
-    return _build(Config, data, "")
+    cfg = _build(Config, data, "")
+    problem = _inconsistency(cfg)
+    if problem:
+        raise ConfigError(problem)
+    return cfg
+
+
+def _inconsistency(cfg: Config) -> str | None:
+    """Settings that are each valid but do not go together."""
+    tls, auth = cfg.smtp.tls, cfg.smtp.auth
+    if (tls.cert is None) != (tls.key is None):
+        return "smtp.tls: cert and key go together (give both or neither)"
+    if (cfg.smtp.submission or cfg.smtp.smtps) and auth.users_file is None:
+        return "smtp.submission/smtps require AUTH: set smtp.auth.users_file"
+    if (cfg.smtp.submission or cfg.smtp.smtps) and tls.cert is None:
+        return "smtp.submission/smtps need TLS (RFC 8314): set smtp.tls.cert and smtp.tls.key"
+    return None
 
 
 def _build(cls: type[T], data: Any, prefix: str) -> T:

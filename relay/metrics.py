@@ -70,6 +70,13 @@ DURATION = Histogram(
     "One SMTP transaction to one domain: DNS, connect, through the final reply.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
 )
+TLS_RESULTS = ("verified", "encrypted", "plaintext", "failed")
+TLS = Counter(
+    "relay_delivery_tls",
+    "Outbound sessions by TLS outcome: verified certificate, encrypted without verification, "
+    "plain text, or failed (TLS required but not achieved: deferred, nothing sent).",
+    ["result"],
+)
 RECIPIENTS = Counter("relay_recipients", "Recipients reaching a final result.", ["result"])
 
 
@@ -86,6 +93,8 @@ def prime(providers: Iterable[str]) -> None:
             ATTEMPTS.labels(outcome, provider)
     for result in RECIPIENT_RESULTS:
         RECIPIENTS.labels(result)
+    for result in TLS_RESULTS:
+        TLS.labels(result)
 
 
 # --- supervisor: aggregation and its own measurements ---------------------------------------
