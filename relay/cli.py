@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import sys
@@ -13,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from relay import config, control, daemon, summary
+from relay import config, control, daemon, dkim, summary, users
 from relay.queueops import PAST
 from relay.spool import DEAD, QUEUE, Message, Spool, SpoolError, is_id, iter_messages
 
@@ -26,6 +27,10 @@ HELP = {
     "release": "release held messages, due now",
     "requeue": "put dead letters back into the queue, due now",
     "summary": "messages by recipient domain and age, like Postfix's qshape",
+    "dkim keygen": "write a new signing key and print its DNS TXT record",
+    "user add": "add a user (prompts for the password)",
+    "user passwd": "change a user's password",
+    "user delete": "remove a user",
 }
 EX_USAGE, EX_CONFIG = 2, 78  # sysexits.h; systemd can use RestartPreventExitStatus=78
 
@@ -57,6 +62,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("serve", parents=[common], help="run the relay (supervisor, intake, scheduler)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
     sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
+    user = sub.add_parser("user", help="manage SMTP AUTH users").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    )
+    user.add_parser("list", parents=[common], help="list users and their sender domains")
+    for action in ("add", "passwd", "delete"):
+        cmd = user.add_parser(action, parents=[common], help=HELP[f"user {action}"])
+        cmd.add_argument("name")
+        if action == "add":
+            cmd.add_argument("--domains", required=True, help="allowed sender domains: a,b or *")
+        if action != "delete":
+            cmd.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+    dkim_cmd = sub.add_parser("dkim", help="DKIM keys").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    )
+    keygen = dkim_cmd.add_parser("keygen", parents=[common], help=HELP["dkim keygen"])
+    keygen.add_argument("domain")
+    keygen.add_argument("selector")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    keygen.add_argument("--out", metavar="FILE", help="key file (default DOMAIN.SELECTOR.key)")
     for name, where in (("queue", "queued messages"), ("dlq", "the dead-letter spool")):
         group = sub.add_parser(name, help=f"inspect and steer {where}").add_subparsers(
             dest="action", required=True, parser_class=Parser
@@ -98,15 +122,20 @@ def run(args: argparse.Namespace) -> int:
     except config.ConfigError as exc:
         raise Fail(f"configuration error: {exc}", EX_CONFIG) from None
     if args.command == "check-config":
-        print(f"relay: configuration OK ({config_file or 'built-in defaults'})")
-        return 0
+        return check_config(config_file, cfg)
     if args.command == "serve":
         try:
             return daemon.serve(config_file, cfg)
         except daemon.StartupError as exc:
             raise Fail(str(exc)) from None
+        except config.ConfigError as exc:
+            raise Fail(f"configuration error: {exc}", EX_CONFIG) from None
     if args.command == "worker":
         return daemon.worker(args.role, config_file, cfg)
+    if args.command == "user":
+        return manage_users(cfg, args)
+    if args.command == "dkim":
+        return dkim_keygen(args)
     spool = Spool(cfg.spool.path)
     if not spool.root.is_dir():
         raise Fail(f"spool {spool.root} does not exist (has the relay run with this config?)")
@@ -114,6 +143,91 @@ def run(args: argparse.Namespace) -> int:
         return COMMANDS[(args.command, args.action)](spool, args)
     except (OSError, SpoolError, control.ControlError) as exc:
         raise Fail(str(exc)) from None
+
+
+def check_config(config_file: str | None, cfg: config.Config) -> int:
+    """Validate the file and load what it points at (certificate, users); warn about secrets
+    other users can read."""
+    try:
+        warnings = daemon.preflight(config_file, cfg)
+    except config.ConfigError as exc:
+        raise Fail(f"configuration error: {exc}", EX_CONFIG) from None
+    for warning in warnings:
+        print(f"relay: warning: {warning}", file=sys.stderr)
+    print(f"relay: configuration OK ({config_file or 'built-in defaults'})")
+    return 0
+
+
+def dkim_keygen(args: argparse.Namespace) -> int:
+    """Write DOMAIN.SELECTOR.key (0600, never over an existing file); print the TXT record."""
+    try:
+        domain = config.hostname(args.domain).lower()
+    except ValueError as exc:
+        raise Fail(f"dkim keygen: {exc}", EX_USAGE) from None
+    out = Path(args.out or f"{domain}.{args.selector}.key")
+    try:
+        pem, record = dkim.keygen(domain, args.selector, args.bits)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except dkim.DkimError as exc:
+        raise Fail(f"dkim keygen: {exc}", EX_USAGE) from None
+    except FileExistsError:
+        raise Fail(f"{out} exists: not overwriting a key") from None
+    except OSError as exc:
+        raise Fail(f"{out}: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(pem)
+    print(record)
+    print(f"# key written to {out}; configure it with:", file=sys.stderr)
+    print(f"#   dkim: {{keys: [{{domain: {domain}, selector: {args.selector}, "
+          f"key_file: {out.absolute()}}}]}}", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def manage_users(cfg: config.Config, args: argparse.Namespace) -> int:
+    """`relay user`: edit the users file; a running daemon notices the change by itself."""
+    path = cfg.smtp.auth.users_file
+    if path is None:
+        raise Fail("smtp.auth.users_file is not set in the configuration")
+    try:
+        table = users.load(path)
+        if args.action == "list":
+            for user in sorted(table.values(), key=lambda u: u.name):
+                print(f"{user.name}\t{','.join(user.domains)}")
+            return 0
+        name = users.check_name(args.name)
+        if args.action != "add" and name not in table:
+            raise Fail(f"no such user: {name}")
+        if args.action == "add" and name in table:
+            raise Fail(f"user {name} exists (use relay user passwd)")
+        if args.action == "delete":
+            del table[name]
+        else:
+            domains = (
+                users.parse_domains(args.domains) if args.action == "add" else table[name].domains
+            )
+            table[name] = users.User(name, users.hash_password(read_password(args)), domains)
+        users.save(path, table)
+    except users.UsersError as exc:
+        raise Fail(str(exc)) from None
+    except OSError as exc:
+        raise Fail(f"{path}: {exc.strerror}") from None
+    print(f"relay: user {name} {PAST_USER[args.action]}")
+    return 0
+
+
+PAST_USER = {"add": "added", "passwd": "updated", "delete": "deleted"}
+
+
+def read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise Fail("the passwords differ")
+    if len(password) < 8:
+        raise Fail("the password must have at least 8 characters")
+    return password
 
 
 # --- listing ----------------------------------------------------------------------------------

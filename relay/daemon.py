@@ -16,9 +16,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
-from relay import config, control, intake, logs, metrics
+from relay import config, control, intake, logs, metrics, users
 from relay.endpoint import Endpoint
 from relay.scheduler import Scheduler
 from relay.spool import Spool
@@ -49,11 +50,41 @@ def serve(config_file: str | None, cfg: config.Config) -> int:
         spool.prepare()
     except OSError as exc:
         raise StartupError(f"cannot create spool {cfg.spool.path}: {exc.strerror}") from None
+    for warning in preflight(config_file, cfg):
+        logs.event("insecure_permissions", level="warning", problem=warning)
     with control.spool_lock(spool, control.DAEMON_LOCK, wait=10.0) as held:
         if not held:
             raise StartupError(f"another relay is running on spool {cfg.spool.path}")
         logs.event("recovered", spool=str(spool.root), **spool.recover())
         return asyncio.run(Supervisor(config_file, cfg, spool).run())
+
+
+def preflight(config_file: str | None, cfg: config.Config) -> list[str]:
+    """Load what the workers will load (certificate, users, DKIM keys), so that a bad file stops the
+    start with one line (ConfigError); returns warnings about secrets others can read."""
+    intake.tls_context(cfg)
+    intake.signer(cfg)
+    users_file = cfg.smtp.auth.users_file
+    if users_file is not None:
+        try:
+            users.load(users_file)
+        except users.UsersError as exc:
+            raise config.ConfigError(f"smtp.auth.users_file: {exc}") from None
+    secrets_ = [Path(config_file)] if config_file else []
+    secrets_ += [p for p in (users_file, cfg.smtp.tls.key) if p is not None]
+    secrets_ += [key.key_file for key in cfg.dkim.keys]
+    return [problem for path in secrets_ if (problem := exposed(path))]
+
+
+def exposed(path: Path) -> str | None:
+    """A warning if path can be read or written by others than its owner and group."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if mode & 0o007:
+        return f"{path} is accessible to other users (mode {mode & 0o777:o}); chmod o-rwx"
+    return None
 
 
 class Supervisor:
@@ -349,9 +380,13 @@ class Worker:
 
 async def run_intake(w: Worker) -> int:
     w.listen_for_signals()
-    handler = intake.IntakeHandler(
-        w.cfg, w.spool, intake.Notifier(w.spool.socket_address(control.WAKE_SOCKET))
-    )
+    try:
+        handler = intake.IntakeHandler(
+            w.cfg, w.spool, intake.Notifier(w.spool.socket_address(control.WAKE_SOCKET))
+        )
+    except config.ConfigError as exc:
+        logs.event("error", level="error", stage="intake", error=str(exc))
+        return 1
     servers = await _bind(handler)
     if servers is None:
         return 1
@@ -360,7 +395,10 @@ async def run_intake(w: Worker) -> int:
     beat = asyncio.ensure_future(w.heartbeat())
 
     async def reload(cfg: config.Config) -> None:
-        handler.cfg = cfg  # new sessions take the new limits; open ones keep theirs
+        try:  # new sessions take the new limits, certificate and users; open ones keep theirs
+            handler.configure(cfg)
+        except config.ConfigError as exc:
+            logs.event("reload_failed", level="error", error=str(exc))
 
     await w.until_stop(reload)
 

@@ -1,5 +1,5 @@
-"""Intake stage: the aiosmtpd SMTP dialogue, relay policy and limits, the Received: header, and
-the durable write that comes before `250 queued as <id>`."""
+"""Intake stage: relay policy and limits, AUTH decisions, the Received: header, and the durable
+write that comes before `250 queued as <id>`."""
 
 from __future__ import annotations
 
@@ -7,30 +7,21 @@ import asyncio
 import email.utils
 import ipaddress
 import re
+import ssl
 import time
 from collections.abc import Callable
+from email.parser import BytesHeaderParser
+from email.policy import SMTP as SMTP_POLICY
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from relay import logs, metrics
-from relay.config import Config
+from relay import dkim, logs, metrics, users
+from relay.config import Config, ConfigError
+from relay.guard import REPLY_BANNED, Guard
+from relay.session import KINDS, REPLY_SHUTTING_DOWN, Credentials, RelaySMTP
 from relay.spool import Message, Recipient, Spool, new_id
 
-# RFC 2034 §3: every reply but the greeting, EHLO/HELO, 354 and 334 carries an enhanced code.
-ENHANCED_RE = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
-DEFAULT_ENHANCED = {
-    221: "2.0.0", 250: "2.0.0", 421: "4.3.2", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1",
-    454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
-    530: "5.7.0", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4",
-}  # fmt: skip
-# aiosmtpd's own wording for the RFC 1870 size limit, replaced by the RFC 3463 one.
-REWRITES = {
-    b"552 Error: Too much mail data": b"552 5.3.4 Message too big for system",
-    b"552 Error: message size exceeds fixed maximum message size": (
-        b"552 5.3.4 Message size exceeds fixed maximum message size"
-    ),
-}
 DOMAIN_RE = re.compile(
     r"^([A-Za-z0-9\u0080-\U0010ffff]([A-Za-z0-9\u0080-\U0010ffff-]{0,61}"
     r"[A-Za-z0-9\u0080-\U0010ffff])?\.)*[A-Za-z0-9\u0080-\U0010ffff]"
@@ -44,80 +35,67 @@ REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_BAD_ADDRESS = "501 5.1.3 Bad {} address syntax"
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
 REPLY_BARE_LINE_END = "550 5.6.0 Message contains bare CR or LF (RFC 5321 §2.3.8)"
+REPLY_NUL = "550 5.6.0 Message contains NUL characters"
+REPLY_NOT_OWNER = "553 5.7.1 <{}>: Sender address not owned by user {}"
+REPLY_FROM_NOT_OWNER = "550 5.7.1 From: header address {} not owned by user {}"
+REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
+REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 REPLY_LOCAL_ERROR = "451 4.3.0 Error: queue file write error, try again later"
-REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+# A well-formed hash that matches nothing, checked for unknown users so that failing with an
+# unknown name takes as long as failing with a wrong password.
+DUMMY_HASH = users.hash_password("relay-dummy-password")
 
 
-class RelaySMTP(SMTP):
-    """aiosmtpd's server with RFC 3463 enhanced codes on the replies it writes by itself,
-    counted sessions, and a way to be told the daemon is shutting down."""
+def tls_context(cfg: Config) -> ssl.SSLContext | None:
+    """The server context for STARTTLS and smtps: TLS 1.2 or newer only; ConfigError (one line)
+    if the certificate or key cannot be loaded."""
+    tls = cfg.smtp.tls
+    if tls.cert is None or tls.key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise ConfigError(f"smtp.tls: cannot load {tls.cert} / {tls.key}: {reason}") from None
+    return context
 
-    _plain_reply = False
-    event_handler: IntakeHandler
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        metrics.SESSIONS.inc()
-        self.event_handler.sessions.add(self)
-        if self.event_handler.draining:
-            self.shut()
-
-    def connection_lost(self, error: Exception | None) -> None:
-        super().connection_lost(error)
-        metrics.SESSIONS.dec()
-        self.event_handler.sessions.discard(self)
-
-    def shut(self) -> None:
-        """421 and close (RFC 5321 §3.8): the daemon is stopping."""
-        transport = self.transport
-        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
-            metrics.REJECTED.labels("shutting_down").inc()
-            transport.write(REPLY_SHUTTING_DOWN.encode() + b"\r\n")
-            transport.close()
-
-    @property
-    def in_transaction(self) -> bool:
-        return self.envelope is not None and self.envelope.mail_from is not None
-
-    async def push(self, status: str | bytes) -> None:
-        raw = status.encode("utf-8") if isinstance(status, str) else status
-        if raw in REWRITES:
-            metrics.REJECTED.labels("message_too_big").inc()
-        await super().push(self._enhance(REWRITES.get(raw, raw)))
-
-    def _enhance(self, reply: bytes) -> bytes:
-        code = int(reply[:3]) if reply[:3].isdigit() else 0
-        enhanced = DEFAULT_ENHANCED.get(code)
-        if self._plain_reply or enhanced is None or ENHANCED_RE.match(reply):
-            return reply
-        return reply[:4] + enhanced.encode() + b" " + reply[4:]
-
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
-        await self._greeting_command(super().smtp_EHLO, hostname)
-
-    @syntax("HELO hostname")
-    async def smtp_HELO(self, hostname: str) -> None:
-        await self._greeting_command(super().smtp_HELO, hostname)
-
-    async def _greeting_command(self, command: Callable[[str], Any], hostname: str) -> None:
-        """EHLO/HELO replies carry no enhanced code (RFC 2034 §3)."""
-        self._plain_reply = True
-        try:
-            await command(hostname)
-        finally:
-            self._plain_reply = False
+def signer(cfg: Config) -> dkim.Signer | None:
+    """The DKIM signer for the configured keys, or None; ConfigError if a key is unusable."""
+    if not cfg.dkim.keys:
+        return None
+    try:
+        return dkim.Signer(cfg.dkim)
+    except dkim.DkimError as exc:
+        raise ConfigError(f"dkim.keys: {exc}") from None
 
 
 class IntakeHandler:
-    """aiosmtpd hooks: relay policy at RCPT, limits, the durable write at DATA."""
+    """aiosmtpd hooks: relay policy at RCPT, sender ownership, limits, the durable write."""
 
     def __init__(self, cfg: Config, spool: Spool, notify: Callable[[str], None]) -> None:
-        self.cfg = cfg
         self.spool = spool
         self.notify = notify
         self.sessions: set[RelaySMTP] = set()
         self.draining = False
+        self.guard = Guard(cfg)
+        self.users: dict[str, users.User] = {}
+        self.users_stamp: tuple[float, int] | None = None
+        self.configure(cfg)
+
+    def configure(self, cfg: Config) -> None:
+        """Start-up and SIGHUP: limits, certificates and users as the file now says."""
+        self.cfg = cfg
+        self.guard.cfg = cfg
+        self.tls = tls_context(cfg)
+        self.signer = signer(cfg)
+        self.users_stamp = None
+
+    def plaintext_auth_allowed(self, ip: str) -> bool:
+        return self.cfg.smtp.auth.plaintext_on_loopback and ipaddress.ip_address(ip).is_loopback
 
     def reject(self, reason: str, reply: str, session: Session, **fields: Any) -> str:
         """Count and log one refusal, and return its reply."""
@@ -145,6 +123,58 @@ class IntakeHandler:
             session.shut()
         return len(open_sessions)
 
+    async def handle_exception(self, error: Exception) -> str:
+        """A bug while accepting mail is our failure: 4xx, never 5xx (DESIGN invariant 2)."""
+        logs.failure("intake", error)
+        return REPLY_INTERNAL
+
+    # --- AUTH --------------------------------------------------------------------------------
+
+    def user_table(self) -> dict[str, users.User]:
+        """The users file, read again when it changes (`relay user` on a running daemon)."""
+        path = self.cfg.smtp.auth.users_file
+        if path is None:
+            return {}
+        try:
+            stat = path.stat()
+            stamp = (stat.st_mtime, stat.st_size)
+        except OSError:
+            stamp = (0.0, 0)
+        if stamp != self.users_stamp:
+            try:
+                self.users = users.load(path)
+            except users.UsersError as exc:
+                logs.failure("intake", exc, action="load_users")  # keep the previous table
+            self.users_stamp = stamp
+        return self.users
+
+    async def authenticate(self, server: RelaySMTP, creds: Credentials) -> AuthResult:
+        """Check a password off the event loop; failures wait longer each time, then ban."""
+        if self.guard.is_banned(server.ip):
+            server.shut(REPLY_BANNED, count=False)
+            return AuthResult(success=False, handled=True)
+        name = creds.login.decode("utf-8", "replace")
+        user = self.user_table().get(name)
+        password = creds.password.decode("utf-8", "replace")
+        stored = user.password_hash if user else DUMMY_HASH
+        ok = await asyncio.to_thread(users.check_password, password, stored)
+        if user is None or not ok:
+            delay = self.guard.auth_failed(server.ip)
+            await asyncio.sleep(delay)
+            metrics.REJECTED.labels("auth_failed").inc()
+            logs.event("auth_failed", client=server.ip, user=name, mechanism=creds.mechanism)
+            return AuthResult(success=False, handled=False, message=REPLY_AUTH_FAILED)
+        logs.event("authenticated", client=server.ip, user=name, mechanism=creds.mechanism)
+        return AuthResult(success=True, auth_data=name, message=REPLY_AUTH_OK)
+
+    def _owner(self, session: Session) -> users.User | None:
+        """The authenticated user of this session, if any."""
+        if not session.authenticated:
+            return None
+        return self.user_table().get(str(session.auth_data))
+
+    # --- the dialogue --------------------------------------------------------------------------
+
     async def handle_EHLO(
         self,
         server: SMTP,
@@ -154,21 +184,28 @@ class IntakeHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
+        if self.cfg.smtp.auth.users_file is None:  # aiosmtpd always lists AUTH
+            responses = [r for r in responses if not r.startswith("250-AUTH")]
         # RFC 2920 and RFC 2034: aiosmtpd supports both but does not advertise them.
         return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        # RFC 5321 §4.5.5: the null reverse-path "<>" is how bounces are sent.
         if self.draining:  # no new transaction: 421, then close (RFC 5321 §3.8)
             metrics.REJECTED.labels("shutting_down").inc()
             if server.transport is not None:
                 asyncio.get_running_loop().call_soon(server.transport.close)
             return REPLY_SHUTTING_DOWN
-        problem = address_problem(address.strip("<>"), envelope.smtp_utf8, allow_empty=True)
+        # RFC 5321 §4.5.5: the null reverse-path "<>" is how bounces are sent.
+        sender = address.strip("<>")
+        problem = address_problem(sender, envelope.smtp_utf8, allow_empty=True)
         if problem:
             return self._address_rejected(problem, "sender", session, address)
+        owner = self._owner(session)
+        if owner is not None and sender and not owner.may_send_as(sender.rpartition("@")[2]):
+            reply = REPLY_NOT_OWNER.format(sender, owner.name)
+            return self.reject("sender_not_owned", reply, session, user=owner.name)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
@@ -176,7 +213,8 @@ class IntakeHandler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        if not self.may_relay(peer_ip(session)):
+        if not (session.authenticated or self.guard.trusted(peer_ip(session))):
+            # RFC 5321 §3.6.2: relay only for relay_networks or authenticated users.
             return self.reject("relay_denied", REPLY_RELAY_DENIED.format(address), session)
         problem = address_problem(address, envelope.smtp_utf8, allow_empty=False)
         if problem:
@@ -191,22 +229,20 @@ class IntakeHandler:
         reason = "smtputf8_required" if problem == REPLY_NEEDS_SMTPUTF8 else "bad_address"
         return self.reject(reason, problem.format(role), session, address=address)
 
-    def may_relay(self, peer: str) -> bool:
-        """RFC 5321 §3.6.2 relaying: only clients inside relay_networks (no open relay)."""
-        address = ipaddress.ip_address(peer.partition("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in net for net in self.cfg.smtp.relay_networks)
-
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = time.monotonic()
         content: bytes = envelope.original_content or b""
-        if BARE_LINE_END.search(content):
-            return self.reject("bare_line_end", REPLY_BARE_LINE_END, session)
+        refusal = self._content_problem(content, session)
+        if refusal:
+            return refusal
         msg = self._message(session, envelope, len(content))
-        header = received_header(self.cfg.smtp.hostname, session, envelope, msg.id)
-        msg.size += len(header)
+        assert isinstance(server, RelaySMTP)
+        header = received_header(self.cfg.smtp.hostname, server, session, envelope, msg.id)
         try:
+            # DKIM signs what leaves; our Received: is not among the signed fields.
+            if self.signer is not None:
+                header = (await asyncio.to_thread(self.signer.sign, content) or b"") + header
+            msg.size += len(header)
             await asyncio.to_thread(self.spool.accept, msg, (header, content))
         except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
             logs.failure("intake", exc, id=msg.id)
@@ -217,9 +253,24 @@ class IntakeHandler:
         metrics.INTAKE_SECONDS.observe(time.monotonic() - started)
         logs.event(
             "received", id=msg.id, sender=msg.sender, rcpts=envelope.rcpt_tos,
-            size=msg.size, client=peer_ip(session),
+            size=msg.size, client=peer_ip(session), user=session.auth_data,
         )  # fmt: skip
         return REPLY_QUEUED.format(msg.id)
+
+    def _content_problem(self, content: bytes, session: Session) -> str | None:
+        """Refusals decided on the message itself, or None."""
+        if BARE_LINE_END.search(content):
+            return self.reject("bare_line_end", REPLY_BARE_LINE_END, session)
+        if b"\0" in content:
+            return self.reject("nul_byte", REPLY_NUL, session)
+        owner = self._owner(session)
+        if owner is None:
+            return None
+        for address in from_addresses(content):
+            if not owner.may_send_as(address.rpartition("@")[2]):
+                reply = REPLY_FROM_NOT_OWNER.format(address, owner.name)
+                return self.reject("sender_not_owned", reply, session, user=owner.name)
+        return None
 
     def _message(self, session: Session, envelope: Envelope, size: int) -> Message:
         now = time.time()
@@ -233,6 +284,13 @@ class IntakeHandler:
             smtputf8=envelope.smtp_utf8,
             client={"ip": peer_ip(session), "helo": session.host_name or ""},
         )
+
+
+def from_addresses(content: bytes) -> list[str]:
+    """The addresses of the From: header(s) (RFC 5322 §3.6.2), lowercase."""
+    headers = BytesHeaderParser(policy=SMTP_POLICY).parsebytes(content)
+    values = [str(v) for v in headers.get_all("from", [])]
+    return [addr.lower() for _, addr in email.utils.getaddresses(values) if addr]
 
 
 def peer_ip(session: Session) -> str:
@@ -262,11 +320,13 @@ def _is_address_literal(text: str) -> bool:
     return True
 
 
-def received_header(hostname: str, session: Session, envelope: Envelope, msg_id: str) -> bytes:
-    """The trace header of RFC 5321 §4.4 (with RFC 6531's UTF8SMTP where used)."""
-    protocol = "ESMTP" if session.extended_smtp else "SMTP"
-    if envelope.smtp_utf8:
-        protocol = "UTF8SMTP"
+def received_header(
+    hostname: str, server: RelaySMTP, session: Session, envelope: Envelope, msg_id: str
+) -> bytes:
+    """The trace header of RFC 5321 §4.4, with the protocol named as RFC 3848 and RFC 6531 do
+    (ESMTP, S for TLS, A for AUTH; UTF8SMTP)."""
+    base = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP" if session.extended_smtp else "SMTP"
+    protocol = base + ("S" if server.tls_active else "") + ("A" if session.authenticated else "")
     helo = " ".join((session.host_name or "unknown").split())
     rcpts = envelope.rcpt_tos
     recipient = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
@@ -319,20 +379,42 @@ class Notifier:
 
 
 async def serve(handler: IntakeHandler) -> list[asyncio.Server]:
-    """Bind every listener in smtp.listen; an unbindable address raises OSError. Sessions
-    take their limits from handler.cfg when they start, so a reload applies to new ones."""
+    """Bind every listener (relay, submission, smtps); an unbindable address raises OSError.
+    Sessions take their settings from the handler when they start, so a reload applies to
+    new ones."""
     loop = asyncio.get_running_loop()
+    addresses = {
+        "relay": handler.cfg.smtp.listen,
+        "submission": handler.cfg.smtp.submission,
+        "smtps": handler.cfg.smtp.smtps,
+    }
+    servers = []
+    for kind in KINDS:
+        for host, port in addresses[kind]:
+            ssl_context = handler.tls if kind == "smtps" else None
+            servers.append(
+                await loop.create_server(_factory(handler, kind), host, port, ssl=ssl_context)
+            )
+    return servers
 
+
+def _factory(handler: IntakeHandler, kind: str) -> Callable[[], RelaySMTP]:
     def factory() -> RelaySMTP:
         cfg = handler.cfg
         return RelaySMTP(
             handler,
+            kind,
             data_size_limit=cfg.smtp.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=cfg.smtp.hostname,
             ident="relay",
             timeout=cfg.smtp.idle_timeout,
+            tls_context=None if kind == "smtps" else handler.tls,
+            require_starttls=kind == "submission",
+            auth_required=kind != "relay",
+            auth_require_tls=True,
+            auth_exclude_mechanism=None if cfg.smtp.auth.users_file else ["PLAIN", "LOGIN"],
         )
 
-    return [await loop.create_server(factory, h, p) for h, p in handler.cfg.smtp.listen]
+    return factory

@@ -18,6 +18,8 @@ EVENTS = frozenset(
         "retry_scheduled", "dead_lettered",
         # operator actions
         "requeued", "deleted", "flushed", "held", "released", "reloaded", "reload_failed",
+        # access
+        "authenticated", "auth_failed", "insecure_permissions",
         # spool and lifecycle
         "quarantined", "recovered", "started", "ready", "stopping", "stopped",
         "child_exited", "child_restarting", "error",

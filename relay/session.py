@@ -1,0 +1,180 @@
+"""Intake stage, one SMTP session: aiosmtpd's protocol with RFC 3463 enhanced codes on its own
+replies, per-connection limits and timers, AUTH answered after an asynchronous password check,
+and a way to be told the daemon is stopping."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, syntax
+
+from relay import metrics
+from relay.guard import REPLY_TOO_FAST
+
+if TYPE_CHECKING:
+    from relay.intake import IntakeHandler
+
+# RFC 2034 §3: every reply but the greeting, EHLO/HELO, 354 and 334 carries an enhanced code.
+ENHANCED_RE = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+DEFAULT_ENHANCED = {
+    221: "2.0.0", 250: "2.0.0", 421: "4.3.2", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1",
+    454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+    530: "5.7.0", 535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3",
+    554: "5.0.0", 555: "5.5.4",
+}  # fmt: skip
+# aiosmtpd's own wording for the RFC 1870 size limit, replaced by the RFC 3463 one.
+REWRITES = {
+    b"552 Error: Too much mail data": b"552 5.3.4 Message too big for system",
+    b"552 Error: message size exceeds fixed maximum message size": (
+        b"552 5.3.4 Message size exceeds fixed maximum message size"
+    ),
+}
+REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
+REPLY_SESSION_TOO_LONG = "421 4.4.2 Session time limit exceeded, closing"
+KINDS = ("relay", "submission", "smtps")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What AUTH PLAIN or LOGIN decoded, waiting for the (slow, threaded) password check."""
+
+    mechanism: str
+    login: bytes
+    password: bytes
+
+
+class RelaySMTP(SMTP):
+    """One client connection. `kind` is the listener's: relay (AUTH optional), submission
+    (AUTH required, after STARTTLS) or smtps (implicit TLS, AUTH required)."""
+
+    _plain_reply = False
+    event_handler: IntakeHandler
+
+    def __init__(self, handler: IntakeHandler, kind: str, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self.kind = kind
+        self.admitted = False
+        self.ip = ""
+        self.deadline: asyncio.TimerHandle | None = None
+        # aiosmtpd has no hook before each command; wrap its dispatch table to count them.
+        self._smtp_methods = {name: self._rated(m) for name, m in self._smtp_methods.items()}
+
+    # --- connection bookkeeping --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None  # STARTTLS calls this again on the same session
+        super().connection_made(transport)
+        if not first:
+            return
+        handler = self.event_handler
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else ""
+        refusal = handler.guard.admit(self.ip)
+        if refusal is not None:
+            reason, reply = refusal
+            metrics.REJECTED.labels(reason).inc()
+            self.shut(reply, count=False)
+            return
+        self.admitted = True
+        metrics.SESSIONS.inc()
+        handler.sessions.add(self)
+        limits = handler.cfg.smtp.limits
+        self.deadline = self.loop.call_later(
+            limits.session_timeout, self.shut, REPLY_SESSION_TOO_LONG
+        )
+        if self.kind == "smtps" or handler.plaintext_auth_allowed(self.ip):
+            self._auth_require_tls = False  # already TLS, or loopback by configuration
+        if handler.draining:
+            self.shut()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if not self.admitted:
+            return
+        self.admitted = False
+        if self.deadline is not None:
+            self.deadline.cancel()
+        metrics.SESSIONS.dec()
+        self.event_handler.sessions.discard(self)
+        self.event_handler.guard.leave(self.ip)
+
+    def shut(self, reply: str = REPLY_SHUTTING_DOWN, count: bool = True) -> None:
+        """Say why in a 421 and close (RFC 5321 §3.8)."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            if count:
+                metrics.REJECTED.labels("shutting_down").inc()
+            transport.write(reply.encode() + b"\r\n")
+            transport.close()
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    @property
+    def tls_active(self) -> bool:
+        return self.kind == "smtps" or self._tls_protocol is not None
+
+    def _rated(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
+        async def rated(arg: str) -> None:
+            if not self.event_handler.guard.command(self.ip):
+                metrics.REJECTED.labels("rate_limited").inc()
+                self.shut(REPLY_TOO_FAST, count=False)
+                return
+            await method(arg)
+
+        return rated
+
+    # --- replies -----------------------------------------------------------------------------
+
+    async def push(self, status: str | bytes) -> None:
+        raw = status.encode("utf-8") if isinstance(status, str) else status
+        if raw in REWRITES:
+            metrics.REJECTED.labels("message_too_big").inc()
+        await super().push(self._enhance(REWRITES.get(raw, raw)))
+
+    def _enhance(self, reply: bytes) -> bytes:
+        code = int(reply[:3]) if reply[:3].isdigit() else 0
+        enhanced = DEFAULT_ENHANCED.get(code)
+        if self._plain_reply or enhanced is None or ENHANCED_RE.match(reply):
+            return reply
+        return reply[:4] + enhanced.encode() + b" " + reply[4:]
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._greeting_command(super().smtp_EHLO, hostname)
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        await self._greeting_command(super().smtp_HELO, hostname)
+
+    async def _greeting_command(self, command: Callable[[str], Any], hostname: str) -> None:
+        """EHLO/HELO replies carry no enhanced code (RFC 2034 §3)."""
+        self._plain_reply = True
+        try:
+            await command(hostname)
+        finally:
+            self._plain_reply = False
+
+    # --- AUTH: aiosmtpd decodes, the handler checks the password off the event loop ----------
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        login, password = auth_data
+        return AuthResult(
+            success=False, handled=False, auth_data=Credentials(mechanism, login, password)
+        )
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._check(await super().auth_LOGIN(_, args))
+
+    async def _check(self, decoded: AuthResult) -> AuthResult:
+        if not isinstance(decoded.auth_data, Credentials):
+            return decoded  # aiosmtpd already answered (bad base64, aborted exchange)
+        return await self.event_handler.authenticate(self, decoded.auth_data)
