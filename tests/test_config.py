@@ -37,6 +37,7 @@ def test_example_config_is_the_defaults_except_spool_path() -> None:
     assert example.metrics == defaults.metrics
     assert example.lifecycle == defaults.lifecycle
     assert example.providers == defaults.providers
+    assert example.dkim == defaults.dkim
     assert example.spool.path == Path("var/spool").absolute()
     assert defaults.spool.path == Path("/var/spool/relay")
 
