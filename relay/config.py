@@ -8,6 +8,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -474,6 +475,13 @@ def _inconsistency(cfg: Config) -> str | None:
         return "smtp.submission/smtps require AUTH: set smtp.auth.users_file"
     if (cfg.smtp.submission or cfg.smtp.smtps) and tls.cert is None:
         return "smtp.submission/smtps need TLS (RFC 8314): set smtp.tls.cert and smtp.tls.key"
+    ca_file = cfg.delivery.tls.ca_file
+    if ca_file is not None:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+            return f"delivery.tls.ca_file: cannot load {ca_file}: {reason}"
     return None
 
 

@@ -1,5 +1,6 @@
 """Courier stage: one outbound SMTP transaction that offers one message to one recipient domain
-and reports a reply per recipient; retries and backoff belong to the scheduler."""
+under that domain's TLS policy and reports a reply per recipient; retries and backoff belong to
+the scheduler."""
 
 from __future__ import annotations
 
@@ -21,14 +22,18 @@ from aiosmtplib import (
 )
 from aiosmtplib.protocol import SMTPProtocol
 
+from relay import metrics
 from relay.classify import Reply, Verdict, classify
 from relay.config import DeliveryConfig
 from relay.resolver import Route
+from relay.tlspolicy import OPPORTUNISTIC, VERIFY, Policy, TlsPolicy
 
 CHUNK_SIZE = 64 * 1024
 CRLF = b"\r\n"
 # RFC 6531: a message that needs SMTPUTF8 is never downgraded in transit; X.6.7 is its code.
 NO_SMTPUTF8 = Reply(553, "5.6.7", "message needs SMTPUTF8, which the receiving server lacks")
+# A session mode beside the policy modes: no STARTTLS at all (opportunistic's fallback).
+PLAINTEXT = "plaintext"
 
 
 @dataclass(frozen=True)
@@ -38,18 +43,37 @@ class RecipientResult:
     mx: str | None  # MX host name that gave the reply (None if no host gave one)
     ip: str | None  # address that gave it
     tls: bool  # whether the session that gave it ran TLS
+    tls_verified: bool = False  # and verified the certificate for the MX host name
+    # What an MTA-STS policy in testing mode would have refused (RFC 8461 §5), for the log.
+    tls_report: str | None = None
 
 
 @dataclass(frozen=True)
 class _Peer:
-    """Where a reply came from: MX host, address, and whether the session ran TLS."""
+    """Where a reply came from: MX host, address, and what TLS the session achieved."""
 
     mx: str | None
     ip: str | None
     tls: bool = False
+    verified: bool = False
+    report: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.mx}[{self.ip}]"
+
+    @property
+    def tls_name(self) -> str | None:
+        """The name the certificate must carry: the MX host name, or the literal's address."""
+        return self.ip if self.mx is None or self.mx.startswith("[") else self.mx
+
+    def noting(self, problem: str) -> _Peer:
+        return replace(self, report="; ".join(filter(None, [self.report, problem])))
 
     def result(self, recipient: str, reply: Reply) -> RecipientResult:
-        return RecipientResult(recipient, reply, self.mx, self.ip, self.tls)
+        return RecipientResult(
+            recipient, reply, self.mx, self.ip, self.tls, self.verified, self.report
+        )
 
 
 @dataclass(frozen=True)
@@ -76,7 +100,12 @@ class _Unsettled(Exception):
 
 
 class _TlsFailed(Exception):
-    """STARTTLS was offered but did not complete; the address is tried again in plain text."""
+    """The session did not achieve the TLS its mode asks for, and sent no MAIL; reply says why
+    (RFC 3463: X.7.4 security feature not supported, X.7.5 cryptographic failure)."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
 
 
 class Courier:
@@ -85,6 +114,7 @@ class Courier:
     def __init__(self, cfg: DeliveryConfig) -> None:
         self._cfg = cfg
         self._tls = _opportunistic_tls()
+        self._policy = TlsPolicy(cfg)
 
     async def deliver(
         self,
@@ -96,35 +126,69 @@ class Courier:
         size: int,
         smtputf8: bool = False,
     ) -> list[RecipientResult]:
-        """Offer the message to route's hosts and addresses in order until one settles it.
+        """Offer the message to route's hosts and addresses in order until one settles it,
+        skipping hosts an enforced MTA-STS policy does not list (RFC 8461 §4.1).
 
         One result per recipient, in input order. Network and protocol trouble is reported,
         never raised; when no address settles it, every recipient gets the last error.
         """
-        last = _Unsettled(_Peer(None, None), Reply(None, None, f"no MX to try for {route.domain}"))
+        policy = await self._policy.for_domain(route.domain)
+        hosts = [host for host in route.hosts if policy.testing or policy.allows(host.name)]
+        last = _Unsettled(_Peer(None, None), _no_host(route, policy, skipped=not hosts))
         with body.open("rb") as file:
             message = _Message(sender, tuple(recipients), file, size, smtputf8)
-            for host in route.hosts:
+            for host in hosts:
                 for ip in host.addresses:
                     try:
-                        return await self._attempt(_Peer(host.name, ip), message)
+                        return await self._attempt(_Peer(host.name, ip), message, policy)
                     except _Unsettled as exc:
                         last = exc
         reply = _deferrable(last)
         return [last.peer.result(recipient, reply) for recipient in recipients]
 
-    async def _attempt(self, peer: _Peer, message: _Message) -> list[RecipientResult]:
-        """One address: STARTTLS when offered, and once more in plain text if TLS fails, as
-        opportunistic security must not make delivery worse than no TLS (RFC 7435 §3)."""
-        try:
-            return await self._session(peer, message, starttls=True)
-        except _TlsFailed:
-            return await self._session(peer, message, starttls=False)
-
-    async def _session(
-        self, peer: _Peer, message: _Message, *, starttls: bool
+    async def _attempt(
+        self, peer: _Peer, message: _Message, policy: Policy
     ) -> list[RecipientResult]:
-        """One connection; _Unsettled if it fails before the RCPT replies are in."""
+        """One address under policy; _Unsettled when it settles nothing, so the next is tried.
+
+        Opportunistic: STARTTLS when offered, and once more in plain text if TLS fails, as it
+        must not make delivery worse than no TLS (RFC 7435 §3). Required and verify: TLS or no
+        transaction at all. Testing: as enforce would, but a failure is only reported.
+        """
+        if policy.testing:
+            return await self._testing(peer, message, policy)
+        if policy.mode == OPPORTUNISTIC:
+            try:
+                return await self._session(peer, message, OPPORTUNISTIC)
+            except _TlsFailed:
+                return await self._session(peer, message, PLAINTEXT)
+        try:
+            return await self._session(peer, message, policy.mode)
+        except _TlsFailed as exc:
+            metrics.TLS.labels("failed").inc()
+            raise _Unsettled(peer, exc.reply) from None
+
+    async def _testing(
+        self, peer: _Peer, message: _Message, policy: Policy
+    ) -> list[RecipientResult]:
+        """RFC 8461 §5: under a policy in testing mode, try what enforce would demand (a listed
+        MX host, a verified certificate); when that fails, note it and deliver as configured."""
+        if not policy.allows(peer.mx or ""):
+            peer = peer.noting(f"MTA-STS testing: {peer.mx} is not an MX host the policy lists")
+            metrics.STS_TESTING_FAILURES.inc()
+        enforced = replace(policy, testing=False, mx=())
+        if policy.mode == VERIFY:
+            return await self._attempt(peer, message, enforced)
+        try:
+            return await self._session(peer, message, VERIFY)
+        except _TlsFailed as exc:
+            peer = peer.noting(f"MTA-STS testing: {exc.reply.text}")
+            metrics.STS_TESTING_FAILURES.inc()
+        return await self._attempt(peer, message, enforced)
+
+    async def _session(self, peer: _Peer, message: _Message, mode: str) -> list[RecipientResult]:
+        """One connection with mode's TLS; _Unsettled if it fails before the RCPT replies are
+        in, _TlsFailed (before any MAIL) if it cannot have the TLS mode asks for."""
         smtp = SMTP(
             hostname=peer.ip,
             port=self._cfg.port,
@@ -135,17 +199,39 @@ class Courier:
         try:
             await smtp.connect(timeout=self._cfg.connect_timeout)
             await _hello(smtp)
-            if starttls and smtp.supports_extension("starttls"):
-                await _starttls(smtp, self._tls)
-                peer = replace(peer, tls=True)
-                await _hello(smtp)  # RFC 3207 §4.2: forget what was learnt before TLS
+            peer = await self._secure(smtp, peer, mode)
             results = await self._transaction(smtp, peer, message)
             await _quit(smtp)
             return results
         except (SMTPException, OSError) as exc:
-            raise _Unsettled(peer, _reply(exc, f"{peer.mx}[{peer.ip}]")) from None
+            raise _Unsettled(peer, _reply(exc, peer.where)) from None
         finally:
             smtp.close()
+
+    async def _secure(self, smtp: SMTP, peer: _Peer, mode: str) -> _Peer:
+        """STARTTLS as mode asks (RFC 3207), counting the session's TLS outcome once it is
+        known; the peer with what was achieved. _TlsFailed when TLS is needed but not had."""
+        offered = smtp.supports_extension("starttls")
+        if mode == PLAINTEXT or (mode == OPPORTUNISTIC and not offered):
+            metrics.TLS.labels("plaintext").inc()
+            return peer
+        if not offered:
+            await _quit(smtp)
+            text = f"TLS is required, but was not offered by {peer.where}"
+            raise _TlsFailed(Reply(None, "4.7.4", text))
+        verify = mode == VERIFY
+        context = self._policy.context if verify else self._tls
+        try:
+            await smtp.starttls(server_hostname=peer.tls_name, tls_context=context)
+        except ssl.SSLCertVerificationError as exc:
+            text = f"certificate of {peer.where} not verified: {exc.verify_message}"
+            raise _TlsFailed(Reply(None, "4.7.5", text)) from None
+        except (SMTPException, OSError) as exc:
+            text = f"TLS handshake with {peer.where} failed: {exc}"
+            raise _TlsFailed(Reply(None, "4.7.5", text)) from None
+        await _hello(smtp)  # RFC 3207 §4.2: forget what was learnt before TLS
+        metrics.TLS.labels("verified" if verify else "encrypted").inc()
+        return replace(peer, tls=True, verified=verify)
 
     async def _transaction(
         self, smtp: SMTP, peer: _Peer, message: _Message
@@ -193,13 +279,6 @@ async def _hello(smtp: SMTP) -> None:
         if not smtp.is_connected:
             raise
         await smtp.helo()
-
-
-async def _starttls(smtp: SMTP, context: ssl.SSLContext) -> None:
-    try:
-        await smtp.starttls(tls_context=context)
-    except (SMTPException, OSError) as exc:
-        raise _TlsFailed(str(exc)) from exc
 
 
 async def _mail(smtp: SMTP, message: _Message) -> Reply | None:
@@ -264,6 +343,14 @@ async def _write(protocol: SMTPProtocol, data: bytes) -> None:
     await protocol._drain_helper()
 
 
+def _no_host(route: Route, policy: Policy, *, skipped: bool) -> Reply:
+    """Why no address was tried: no host at all, or none that the MTA-STS policy lists."""
+    if not (skipped and route.hosts):
+        return Reply(None, None, f"no MX to try for {route.domain}")
+    text = f"no MX host of {route.domain} is listed in its MTA-STS policy ({', '.join(policy.mx)})"
+    return Reply(None, "4.7.5", text)
+
+
 def _deferrable(unsettled: _Unsettled) -> Reply:
     """A 5xx that refused the whole session (greeting, EHLO) says nothing about the recipients:
     report it without a code so that it is retried, as Postfix's smtp_skip_5xx_greeting does."""
@@ -271,7 +358,7 @@ def _deferrable(unsettled: _Unsettled) -> Reply:
     if classify(reply).verdict is not Verdict.PERMANENT:
         return reply
     peer = unsettled.peer
-    return Reply(None, None, f"{peer.mx}[{peer.ip}] refused to talk to me: {reply}")
+    return Reply(None, None, f"{peer.where} refused to talk to me: {reply}")
 
 
 def _reply(exc: BaseException, context: str = "") -> Reply:

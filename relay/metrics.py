@@ -78,6 +78,10 @@ TLS = Counter(
     "plain text, or failed (TLS required but not achieved: deferred, nothing sent).",
     ["result"],
 )
+STS_TESTING_FAILURES = Counter(
+    "relay_delivery_mta_sts_testing_failures",
+    "Sessions an MTA-STS policy in testing mode would have refused (delivered anyway).",
+)
 RECIPIENTS = Counter("relay_recipients", "Recipients reaching a final result.", ["result"])
 
 

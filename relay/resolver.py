@@ -56,7 +56,7 @@ class Resolver:
     def __init__(self, cfg: DnsConfig, *, rng: random.Random | None = None) -> None:
         self._cfg = cfg
         self._rng = rng or random.Random()
-        self._dns = _dns_resolver(cfg)
+        self._dns = dns_resolver(cfg)
         self._limit = asyncio.Semaphore(cfg.max_queries)
         self._cache: OrderedDict[str, tuple[float, Route | Reply]] = OrderedDict()
 
@@ -87,7 +87,7 @@ class Resolver:
         try:
             mx = await self._lookup(name, "MX")
             if mx.rrset is None:
-                return await self._implicit(domain, name, _ttl(mx))
+                return await self._implicit(domain, name, answer_ttl(mx))
         except dns.resolver.NXDOMAIN:
             raise ResolveError(Reply(550, "5.1.2", f"{domain} does not exist (NXDOMAIN)")) from None
         except dns.exception.DNSException as exc:
@@ -120,7 +120,7 @@ class Resolver:
             # Temporary: address records of new MX hosts often appear after the MX itself, and a
             # failed lookup of one host may succeed on the next attempt.
             raise ResolveError(Reply(451, "4.4.4", f"no address for any MX host of {domain}"))
-        return Route(domain, hosts), min([_ttl(mx), *(ttl for _, ttl in found)])
+        return Route(domain, hosts), min([answer_ttl(mx), *(ttl for _, ttl in found)])
 
     async def _host(self, record: dns.rdtypes.ANY.MX.MX) -> tuple[Host | None, float]:
         """One MX host with its addresses and their TTL; None when it has no address now."""
@@ -138,7 +138,7 @@ class Resolver:
     async def _addresses(self, name: dns.name.Name) -> tuple[tuple[str, ...], float]:
         """A then AAAA addresses of name, queried concurrently, and the shorter TTL."""
         a, aaaa = await asyncio.gather(self._lookup(name, "A"), self._lookup(name, "AAAA"))
-        return tuple(record.address for record in (*a, *aaaa)), min(_ttl(a), _ttl(aaaa))
+        return tuple(record.address for record in (*a, *aaaa)), min(answer_ttl(a), answer_ttl(aaaa))
 
     async def _lookup(self, name: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
         """One query within the limit; an empty answer (NoAnswer) is returned, not raised."""
@@ -166,7 +166,7 @@ class Resolver:
             self._cache.popitem(last=False)
 
 
-def _dns_resolver(cfg: DnsConfig) -> dns.asyncresolver.Resolver:
+def dns_resolver(cfg: DnsConfig) -> dns.asyncresolver.Resolver:
     """A dnspython resolver for cfg: its nameservers (or the system's), no cache of its own."""
     resolver = dns.asyncresolver.Resolver(configure=not cfg.nameservers)
     if cfg.nameservers:
@@ -202,6 +202,6 @@ def _literal(literal: str) -> Route:
     return Route(literal, (Host(literal, 0, (str(address),)),))
 
 
-def _ttl(answer: dns.resolver.Answer) -> float:
+def answer_ttl(answer: dns.resolver.Answer) -> float:
     """Seconds the answer may be reused: the shortest TTL in it, or the SOA's for an empty one."""
     return float(answer.chaining_result.minimum_ttl)

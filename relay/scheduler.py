@@ -392,7 +392,8 @@ class Scheduler:
         # One line per recipient and attempt: enough to answer "where is my message" by grep.
         logs.event(
             rcpt.status, id=msg.id, rcpt=rcpt.address, mx=result.mx, ip=result.ip,
-            tls=result.tls, reply=result.reply, outcome=verdict.value, attempt=rcpt.attempts,
+            tls=result.tls, tls_verified=result.tls_verified, tls_report=result.tls_report,
+            reply=result.reply, outcome=verdict.value, attempt=rcpt.attempts,
             delay=round(time.time() - msg.queued_at, 3),
         )  # fmt: skip
 

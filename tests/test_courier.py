@@ -7,14 +7,19 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
+from relay import metrics
 from relay.classify import Verdict, classify
-from relay.config import DeliveryConfig
+from relay.config import DeliveryConfig, DnsConfig, MtaStsConfig, OutboundTlsConfig
 from relay.courier import CHUNK_SIZE, Courier, RecipientResult, dot_stuff
 from relay.resolver import Host, Route
+from tests.support.dns import DnsServer
 from tests.support.mx import DROP, HANG, MxNet, MxSink
+from tests.support.sts import Authority, PolicyServer, policy, policy_host
 
 SENDER = "sender@origin.test"
 ALICE, BOB, CAROL = "alice@example.test", "bob@example.test", "carol@example.test"
@@ -40,6 +45,7 @@ def config(
     connect_timeout: float = 2.0,
     command_timeout: float = 5.0,
     data_timeout: float = 10.0,
+    **options: Any,
 ) -> DeliveryConfig:
     return DeliveryConfig(
         port=net.port,
@@ -47,6 +53,7 @@ def config(
         connect_timeout=connect_timeout,
         command_timeout=command_timeout,
         data_timeout=data_timeout,
+        **options,
     )
 
 
@@ -76,9 +83,9 @@ def deliver(
     *,
     sender: str = SENDER,
     smtputf8: bool = False,
-    **timeouts: float,
+    **options: Any,
 ) -> list[RecipientResult]:
-    courier = Courier(config(net, **timeouts))
+    courier = Courier(config(net, **options))
     size = body.stat().st_size
     return asyncio.run(courier.deliver(to, sender, recipients, body, size=size, smtputf8=smtputf8))
 
@@ -409,6 +416,298 @@ def test_broken_tls_falls_back_to_plain_text(mx: MxNet, body: Path) -> None:
     assert not sink.wait_for(1)[0].tls
     assert sink.connections == 2
     assert sink.commands.count("STARTTLS") == 1
+
+
+def tls_counts() -> dict[str, float]:
+    return {
+        result: REGISTRY.get_sample_value("relay_delivery_tls_total", {"result": result}) or 0.0
+        for result in metrics.TLS_RESULTS
+    }
+
+
+def counted(before: dict[str, float]) -> dict[str, float]:
+    """The TLS outcomes counted since before, by result."""
+    now = tls_counts()
+    return {result: now[result] - before[result] for result in now if now[result] != before[result]}
+
+
+@pytest.fixture
+def authority(tmp_path: Path) -> Authority:
+    return Authority.create(tmp_path)
+
+
+def tls(default: str = "opportunistic", **options: Any) -> OutboundTlsConfig:
+    return OutboundTlsConfig(default=default, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "outcome", "connections"),
+    [
+        ({}, "plaintext", 1),
+        ({"tls": True}, "encrypted", 1),
+        ({"broken_tls": True}, "plaintext", 2),  # the failed handshake is not counted
+    ],
+)
+def test_opportunistic_counts_each_session_once(
+    mx: MxNet, body: Path, options: dict[str, bool], outcome: str, connections: int
+) -> None:
+    sink = mx.sink("127.0.0.2", **options)
+    before = tls_counts()
+
+    results = deliver(mx, route(sink), [ALICE], body)
+
+    assert results[0].reply.code == 250
+    assert not results[0].tls_verified
+    assert counted(before) == {outcome: 1}
+    assert sink.connections == connections
+
+
+def test_required_without_starttls_is_temporary_and_sends_nothing(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2")
+    before = tls_counts()
+
+    results = deliver(mx, route(sink), [ALICE, BOB], body, tls=tls("required"))
+
+    assert verdicts(results) == {ALICE: Verdict.TEMPORARY, BOB: Verdict.TEMPORARY}
+    assert {str(r.reply) for r in results} == {
+        "4.7.4 TLS is required, but was not offered by mx1.example.test[127.0.0.2]"
+    }
+    assert {(r.mx, r.ip, r.tls) for r in results} == {("mx1.example.test", "127.0.0.2", False)}
+    assert sink.commands == ["EHLO", "QUIT"]
+    assert counted(before) == {"failed": 1}
+
+
+def test_required_with_broken_tls_never_falls_back_to_plain_text(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2", broken_tls=True)
+    before = tls_counts()
+
+    results = deliver(mx, route(sink), [ALICE], body, tls=tls("required"))
+
+    assert verdicts(results) == {ALICE: Verdict.TEMPORARY}
+    assert results[0].reply.enhanced == "4.7.5"
+    assert results[0].reply.text.startswith("TLS handshake with mx1.example.test[127.0.0.2] failed")
+    assert "MAIL" not in sink.commands
+    assert sink.connections == 1
+    assert counted(before) == {"failed": 1}
+
+
+def test_required_with_tls_delivers(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2", tls=True)
+    before = tls_counts()
+
+    results = deliver(mx, route(sink), [ALICE], body, tls=tls("required"))
+
+    assert (results[0].reply.code, results[0].tls, results[0].tls_verified) == (250, True, False)
+    assert sink.wait_for(1)[0].tls
+    assert counted(before) == {"encrypted": 1}
+
+
+def test_required_moves_on_to_the_next_mx(mx: MxNet, body: Path) -> None:
+    plain, secure = mx.sink("127.0.0.2"), mx.sink("127.0.0.3", tls=True)
+    before = tls_counts()
+
+    results = deliver(mx, route(plain, secure), [ALICE], body, tls=tls("required"))
+
+    assert (results[0].reply.code, results[0].mx, results[0].tls) == (250, "mx2.example.test", True)
+    assert "MAIL" not in plain.commands
+    assert counted(before) == {"failed": 1, "encrypted": 1}
+
+
+def test_verify_with_a_certificate_for_the_mx_name(
+    mx: MxNet, body: Path, authority: Authority
+) -> None:
+    sink = mx.sink("127.0.0.2", tls_context=authority.server_tls("mx1.example.test"))
+    before = tls_counts()
+
+    results = deliver(mx, route(sink), [ALICE], body, tls=tls("verify", ca_file=authority.file))
+
+    assert (results[0].reply.code, results[0].tls, results[0].tls_verified) == (250, True, True)
+    assert sink.wait_for(1)[0].data == MESSAGE
+    assert counted(before) == {"verified": 1}
+
+
+@pytest.mark.parametrize("problem", ["other name", "unknown CA"])
+def test_verify_failure_is_temporary_and_sends_nothing(
+    mx: MxNet, body: Path, authority: Authority, tmp_path: Path, problem: str
+) -> None:
+    if problem == "other name":
+        context = authority.server_tls("mx.test", "*.example.org")
+    else:
+        (tmp_path / "stranger").mkdir()
+        context = Authority.create(tmp_path / "stranger").server_tls("mx1.example.test")
+    sink = mx.sink("127.0.0.2", tls_context=context)
+    before = tls_counts()
+
+    results = deliver(mx, route(sink), [ALICE], body, tls=tls("verify", ca_file=authority.file))
+
+    assert verdicts(results) == {ALICE: Verdict.TEMPORARY}
+    assert results[0].reply.enhanced == "4.7.5"
+    assert results[0].reply.text.startswith(
+        "certificate of mx1.example.test[127.0.0.2] not verified: "
+    )
+    assert "MAIL" not in sink.commands
+    assert counted(before) == {"failed": 1}
+
+
+@pytest.mark.parametrize(
+    ("policies", "delivered"),
+    [
+        ((("example.test", "required"),), False),
+        (((".test", "required"),), False),
+        (((".test", "required"), ("example.test", "opportunistic")), True),
+        (((".other.test", "required"),), True),
+    ],
+)
+def test_configured_mode_for_the_recipient_domain(
+    mx: MxNet, body: Path, policies: tuple[tuple[str, str], ...], delivered: bool
+) -> None:
+    sink = mx.sink("127.0.0.2")
+
+    results = deliver(mx, route(sink), [ALICE], body, tls=tls(policies=policies))
+
+    assert (results[0].reply.code == 250) is delivered
+    assert ("MAIL" in sink.commands) is delivered
+
+
+# --- MTA-STS -------------------------------------------------------------------------------------
+
+STS_IP = "127.0.0.20"
+
+
+@pytest.fixture
+def sts(dns_server: DnsServer, authority: Authority) -> Iterator[PolicyServer]:
+    with policy_host(dns_server, authority, "example.test", STS_IP) as server:
+        yield server
+
+
+def sts_config(
+    mx: MxNet, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> DeliveryConfig:
+    return config(
+        mx,
+        dns=DnsConfig(nameservers=((dns_server.host, dns_server.port),), timeout=2.0),
+        tls=tls(ca_file=authority.file),
+        mta_sts=MtaStsConfig(enabled=True, port=sts.port, fetch_timeout=5.0),
+    )
+
+
+def send(cfg: DeliveryConfig, to: Route, body: Path, times: int = 1) -> list[RecipientResult]:
+    """Deliver to ALICE times over with one courier (one MTA-STS cache); the last results."""
+
+    async def run() -> list[RecipientResult]:
+        courier = Courier(cfg)
+        for _ in range(times):
+            results = await courier.deliver(to, SENDER, [ALICE], body, size=10)
+        return results
+
+    return asyncio.run(run())
+
+
+def test_mta_sts_enforce_delivers_to_a_listed_mx_with_a_valid_certificate(
+    mx: MxNet, body: Path, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> None:
+    sts.serve(policy("enforce", "*.example.test"))
+    sink = mx.sink("127.0.0.2", tls_context=authority.server_tls("mx1.example.test"))
+    before = tls_counts()
+
+    results = send(sts_config(mx, dns_server, authority, sts), route(sink), body, times=2)
+
+    assert (results[0].reply.code, results[0].tls_verified) == (250, True)
+    assert len(sink.wait_for(2)) == 2
+    assert sts.count == 1  # the second delivery used the cached policy
+    assert counted(before) == {"verified": 2}
+
+
+def test_mta_sts_enforce_skips_unlisted_mx_hosts(
+    mx: MxNet, body: Path, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> None:
+    sts.serve(policy("enforce", "mx2.example.test"))
+    unlisted = mx.sink("127.0.0.2", tls_context=authority.server_tls("mx1.example.test"))
+    listed = mx.sink("127.0.0.3", tls_context=authority.server_tls("mx2.example.test"))
+
+    results = send(sts_config(mx, dns_server, authority, sts), route(unlisted, listed), body)
+
+    assert (results[0].reply.code, results[0].mx, results[0].tls_verified) == (
+        250,
+        "mx2.example.test",
+        True,
+    )
+    assert unlisted.connections == 0
+
+
+def test_mta_sts_enforce_without_any_listed_mx_is_temporary(
+    mx: MxNet, body: Path, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> None:
+    sts.serve(policy("enforce", "mx9.example.test", "*.mx.example.test"))
+    primary, secondary = mx.sink("127.0.0.2", tls=True), mx.sink("127.0.0.3", tls=True)
+
+    results = send(sts_config(mx, dns_server, authority, sts), route(primary, secondary), body)
+
+    assert verdicts(results) == {ALICE: Verdict.TEMPORARY}
+    assert str(results[0].reply) == (
+        "4.7.5 no MX host of example.test is listed in its MTA-STS policy "
+        "(mx9.example.test, *.mx.example.test)"
+    )
+    assert (results[0].mx, results[0].ip) == (None, None)
+    assert primary.connections == secondary.connections == 0
+
+
+def test_mta_sts_enforce_refuses_an_unverified_certificate(
+    mx: MxNet, body: Path, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> None:
+    sts.serve(policy("enforce", "mx1.example.test"))
+    sink = mx.sink("127.0.0.2", tls=True)  # a certificate for mx.test from an unknown CA
+
+    results = send(sts_config(mx, dns_server, authority, sts), route(sink), body)
+
+    assert verdicts(results) == {ALICE: Verdict.TEMPORARY}
+    assert results[0].reply.enhanced == "4.7.5"
+    assert "MAIL" not in sink.commands
+
+
+def test_mta_sts_testing_delivers_despite_failures_and_reports_them(
+    mx: MxNet, body: Path, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> None:
+    sts.serve(policy("testing", "mx9.example.test"))
+    sink = mx.sink("127.0.0.2", tls=True)  # not listed, and its certificate does not verify
+    before = tls_counts()
+
+    results = send(sts_config(mx, dns_server, authority, sts), route(sink), body)
+
+    assert (results[0].reply.code, results[0].tls, results[0].tls_verified) == (250, True, False)
+    report = results[0].tls_report or ""
+    assert "mx1.example.test is not an MX host the policy lists" in report
+    assert "certificate of mx1.example.test[127.0.0.2] not verified" in report
+    assert sink.commands.count("MAIL") == 1
+    assert counted(before) == {"encrypted": 1}
+
+
+def test_mta_sts_testing_without_failures_reports_nothing(
+    mx: MxNet, body: Path, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> None:
+    sts.serve(policy("testing", "mx1.example.test"))
+    sink = mx.sink("127.0.0.2", tls_context=authority.server_tls("mx1.example.test"))
+
+    results = send(sts_config(mx, dns_server, authority, sts), route(sink), body)
+
+    assert (results[0].reply.code, results[0].tls_verified, results[0].tls_report) == (
+        250,
+        True,
+        None,
+    )
+    assert sink.connections == 1
+
+
+def test_mta_sts_fetch_failure_without_cache_delivers_as_opportunistic(
+    mx: MxNet, body: Path, dns_server: DnsServer, authority: Authority, sts: PolicyServer
+) -> None:
+    sts.serve("", status=404)
+    sink = mx.sink("127.0.0.2")  # no STARTTLS at all
+
+    results = send(sts_config(mx, dns_server, authority, sts), route(sink), body)
+
+    assert (results[0].reply.code, results[0].tls) == (250, False)
+    assert sts.count == 1
 
 
 def _dots_at(lines: dict[int, bytes]) -> bytes:

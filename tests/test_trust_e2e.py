@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -325,3 +326,18 @@ def test_dkim_signatures_verify_against_dns(
 
     assert dkim.verify(got.data, dnsfunc=lookup)
     assert not dkim.verify(got.data.replace(b"hello", b"jello"), dnsfunc=lookup)
+
+
+def test_required_tls_destination_without_starttls_is_deferred_not_sent_in_clear(
+    relay: RelayFactory, sink: MxSink
+) -> None:
+    daemon = relay({"delivery": {"tls": {"policies": {"a.test": "required"}}}})
+    queue_id = daemon.send(["user@a.test"])
+    [deferred] = daemon.wait_event("deferred", id=queue_id)
+    assert (deferred["code"], deferred["enhanced"]) == (None, "4.7.4")
+    assert "TLS is required" in deferred["reply"]
+    assert "MAIL" not in sink.commands and sink.received == []
+    [entry] = daemon.cli_json("queue", "list")
+    assert entry["recipients"][0]["status"] == "deferred"
+    with urllib.request.urlopen(f"{daemon.metrics_url}/metrics", timeout=5) as response:
+        assert 'relay_delivery_tls_total{result="failed"} 1.0' in response.read().decode()

@@ -154,6 +154,7 @@ class MxSink:
         port: int,
         *,
         tls: bool = False,
+        tls_context: ssl.SSLContext | None = None,
         broken_tls: bool = False,
         smtputf8: bool = False,
         esmtp: bool = True,
@@ -166,7 +167,9 @@ class MxSink:
         self._changed = threading.Condition()
         self._transports: list[asyncio.Transport] = []
         self._options: dict[str, Any] = {"hostname": f"mx.{ip}", "enable_SMTPUTF8": smtputf8}
-        if tls or broken_tls:
+        if tls_context is not None:
+            self._options["tls_context"] = tls_context
+        elif tls or broken_tls:
             self._options["tls_context"] = _server_tls()
         self._server_class = _BrokenTlsServer if broken_tls else _Server
         self._listener: asyncio.Server | None = None
@@ -322,10 +325,14 @@ def _bindable(ip: str, port: int) -> bool:
     return True
 
 
+def server_tls(ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    """A server context with a certificate that ca issued for names (tls_context=…)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
 @functools.cache
 def _server_tls() -> ssl.SSLContext:
-    """A server context with a certificate from a throwaway CA (the courier does not verify)."""
-    cert = trustme.CA().issue_cert("mx.test")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    cert.configure_cert(context)
-    return context
+    """A server context with a certificate for "mx.test" from a throwaway CA (tls=True)."""
+    return server_tls(trustme.CA(), "mx.test")
