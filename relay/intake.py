@@ -34,7 +34,7 @@ REPLY_RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_BAD_ADDRESS = "501 5.1.3 Bad {} address syntax"
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
-REPLY_BARE_LINE_END = "550 5.6.0 Message contains bare CR or LF (RFC 5321 §2.3.8)"
+REPLY_BARE_LINE_END = "550 5.6.0 Message contains bare CR or LF (RFC 5321 section 2.3.8)"
 REPLY_NUL = "550 5.6.0 Message contains NUL characters"
 REPLY_NOT_OWNER = "553 5.7.1 <{}>: Sender address not owned by user {}"
 REPLY_FROM_NOT_OWNER = "550 5.7.1 From: header address {} not owned by user {}"
@@ -304,6 +304,10 @@ def address_problem(address: str, smtputf8: bool, *, allow_empty: bool) -> str |
         return None if allow_empty else REPLY_BAD_ADDRESS
     if not smtputf8 and not address.isascii():
         return REPLY_NEEDS_SMTPUTF8
+    try:
+        address.encode("utf-8")  # RFC 6531 §3.3: UTF-8, not stray bytes (decoded as surrogates)
+    except UnicodeEncodeError:
+        return REPLY_BAD_ADDRESS
     local, at, domain = address.rpartition("@")
     if not at or not local or len(address) > 254:
         return REPLY_BAD_ADDRESS

@@ -5,6 +5,7 @@ and a way to be told the daemon is stopping."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +36,31 @@ REWRITES = {
 }
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_SESSION_TOO_LONG = "421 4.4.2 Session time limit exceeded, closing"
+REPLY_CONTROL_CHARACTER = "500 5.5.2 Syntax error: control character in command"
+REPLY_NOT_UTF8 = "500 5.5.2 Syntax error: command is not valid UTF-8"
+REPLY_UNBALANCED = "501 5.5.4 Syntax error in parameters: unbalanced < >"
+REPLY_CONTROL_IN_PARAMETER = "501 5.5.4 Syntax error in parameters: control character"
+COMMAND_LIMIT = 510  # 512 minus the CRLF
+MAX_REPLY = 510
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all C0 controls but TAB, and DEL
+UNSAFE_IN_REPLY = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 KINDS = ("relay", "submission", "smtps")
+
+
+def syntax_problem(command: str, arg: str) -> str | None:
+    """The reply for a command line that is not valid SMTP, or None. MAIL and RCPT get 501
+    (a bad parameter); their non-ASCII addresses are judged later (553 5.6.7 or 501 5.1.3)."""
+    if command in ("MAIL", "RCPT"):
+        if CONTROL.search(arg):
+            return REPLY_CONTROL_IN_PARAMETER
+        return REPLY_UNBALANCED if arg.count("<") != arg.count(">") else None
+    if CONTROL.search(arg):
+        return REPLY_CONTROL_CHARACTER
+    try:
+        arg.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes arrive as surrogates
+        return REPLY_NOT_UTF8
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,6 +78,9 @@ class RelaySMTP(SMTP):
 
     _plain_reply = False
     event_handler: IntakeHandler
+    # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF. aiosmtpd counts
+    # the CRLF too but allows 1001; its reader limit is also this line length.
+    line_length_limit = 1000
 
     def __init__(self, handler: IntakeHandler, kind: str, **options: Any) -> None:
         super().__init__(handler, **options)
@@ -60,8 +88,14 @@ class RelaySMTP(SMTP):
         self.admitted = False
         self.ip = ""
         self.deadline: asyncio.TimerHandle | None = None
-        # aiosmtpd has no hook before each command; wrap its dispatch table to count them.
-        self._smtp_methods = {name: self._rated(m) for name, m in self._smtp_methods.items()}
+        # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF, which aiosmtpd does not count
+        # (RFC 1870 and 6531 extensions still add their allowance to MAIL after EHLO).
+        self.command_size_limit = COMMAND_LIMIT
+        self.command_size_limits = collections.defaultdict(lambda: COMMAND_LIMIT)
+        # aiosmtpd has no hook before each command; wrap its dispatch table to check them.
+        self._smtp_methods = {
+            name: self._checked(name, m) for name, m in self._smtp_methods.items()
+        }
 
     # --- connection bookkeeping --------------------------------------------------------------
 
@@ -119,15 +153,24 @@ class RelaySMTP(SMTP):
     def tls_active(self) -> bool:
         return self.kind == "smtps" or self._tls_protocol is not None
 
-    def _rated(self, method: Callable[[str], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
-        async def rated(arg: str) -> None:
+    def _checked(
+        self, name: str, method: Callable[[str], Awaitable[None]]
+    ) -> Callable[[str], Awaitable[None]]:
+        """Before each command: the per-IP rate, then the line's syntax (RFC 5321 §4.1.2)."""
+
+        async def checked(arg: str | None) -> None:
             if not self.event_handler.guard.command(self.ip):
                 metrics.REJECTED.labels("rate_limited").inc()
                 self.shut(REPLY_TOO_FAST, count=False)
                 return
-            await method(arg)
+            problem = syntax_problem(name, arg or "")
+            if problem:
+                metrics.REJECTED.labels("bad_syntax").inc()
+                await self.push(problem)
+                return
+            await method(arg)  # type: ignore[arg-type]
 
-        return rated
+        return checked
 
     # --- replies -----------------------------------------------------------------------------
 
@@ -135,7 +178,10 @@ class RelaySMTP(SMTP):
         raw = status.encode("utf-8") if isinstance(status, str) else status
         if raw in REWRITES:
             metrics.REJECTED.labels("message_too_big").inc()
-        await super().push(self._enhance(REWRITES.get(raw, raw)))
+        # aiosmtpd echoes what the client sent in some replies: never echo control bytes,
+        # and keep a reply line within RFC 5321 §4.5.3.1.5's 512 octets.
+        safe = UNSAFE_IN_REPLY.sub(b"?", self._enhance(REWRITES.get(raw, raw)))[:MAX_REPLY]
+        await super().push(safe)
 
     def _enhance(self, reply: bytes) -> bytes:
         code = int(reply[:3]) if reply[:3].isdigit() else 0

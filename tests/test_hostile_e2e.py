@@ -31,7 +31,7 @@ OK = b"250 2.0.0 OK"
 MAIL_OK = b"250 2.1.0 Ok"
 RCPT_OK = b"250 2.1.5 Ok"
 QUEUED = b"250 2.0.0 queued as "
-BARE_LINE_END = "550 5.6.0 Message contains bare CR or LF (RFC 5321 §2.3.8)".encode()
+BARE_LINE_END = b"550 5.6.0 Message contains bare CR or LF"
 NUL_IN_DATA = b"550 5.6.0 Message contains NUL characters"
 NEEDS_SMTPUTF8 = b"553 5.6.7 Non-ASCII address requires SMTPUTF8"
 COMMAND_TOO_LONG = b"500 5.5.2 Command line too long"
@@ -166,9 +166,12 @@ def test_bare_line_end_in_data_refused(relay: RelayFactory, sink: MxSink, line_e
     with session(daemon) as client:
         start_data(client)
         body = b"Subject: x\r\n\r\nbare" + line_end + b"line end\r\n.\r\n"
-        assert client.ask(body, NOOP) == [BARE_LINE_END, OK]
+        refused, noop = client.ask(body, NOOP)
+    assert refused.startswith(BARE_LINE_END) and noop == OK
     assert_nothing_queued(daemon, sink)
     assert_healthy(daemon)
+    # RFC 5321 §4.2: reply text is printable US-ASCII (so "section 2.3.8", not "§2.3.8").
+    assert refused.isascii(), refused
 
 
 SMUGGLED = (
@@ -191,8 +194,9 @@ def test_smuggled_commands_are_not_executed(
         start_data(client)
         client.send(b"Subject: x\r\n\r\nhello" + fake_end + SMUGGLED)
         assert client.silent(0.5), "a fake end of data ended DATA"
-        replies = client.ask(b"\r\n.\r\n", NOOP, b"RCPT TO:<victim@a.test>\r\n")
-        assert replies == [BARE_LINE_END, OK, b"503 5.5.1 Error: need MAIL command"]
+        refused, *replies = client.ask(b"\r\n.\r\n", NOOP, b"RCPT TO:<victim@a.test>\r\n")
+        assert refused.startswith(BARE_LINE_END), refused
+        assert replies == [OK, b"503 5.5.1 Error: need MAIL command"]
     assert_nothing_queued(daemon, sink)
     assert_healthy(daemon)
 
@@ -292,6 +296,35 @@ def test_nul_in_a_command_refused(relay: RelayFactory, sink: MxSink) -> None:
                 accepted[name] = reply
             assert client.ask(NOOP) == [OK]
     assert accepted == {}, f"NUL accepted in: {accepted}"
+    assert_nothing_queued(daemon, sink)
+    assert_healthy(daemon)
+
+
+ECHOED = {
+    "bare CR in an unknown verb": b"X\rY\r\n",
+    "NUL in an unknown verb": b"NO\0OP\r\n",
+    "escape sequence in an unknown verb": b"X\x1b[2J\r\n",
+    "510-octet unknown verb": b"X" * 510 + b"\r\n",
+    "bare CR in VRFY": b"VRFY <<\r>\r\n",
+    "non-UTF-8 in VRFY": b"VRFY <<\x80>\r\n",
+}
+# RFC 5321 §4.2: reply text is HT, SP and printable US-ASCII; §4.5.3.1.5: 512 octets a line.
+TEXTSTRING_REPLY = re.compile(rb"^\d{3} [\t\x20-\x7e]*\r\n\Z")
+
+
+def test_replies_never_carry_the_clients_bad_bytes(relay: RelayFactory, sink: MxSink) -> None:
+    """Replies that quote what the client sent (an unknown verb, an address that would not
+    parse) quote it safely: no CR, NUL or escape reaches the client, no line is over 512
+    octets, and no bytes make the reply fail (a 451 and a logged error)."""
+    daemon = relay()
+    bad = {}
+    for name, command in ECHOED.items():
+        with session(daemon) as client:
+            client.send(command)
+            line = client.line()
+            if not (TEXTSTRING_REPLY.match(line) and len(line) <= 512 and line[:1] == b"5"):
+                bad[name] = line
+    assert bad == {}, f"unsafe replies: {bad}"
     assert_nothing_queued(daemon, sink)
     assert_healthy(daemon)
 
