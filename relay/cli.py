@@ -263,11 +263,22 @@ def item(msg: Message, where: str) -> dict[str, Any]:
     if where == QUEUE:
         out["next_attempt"] = None if msg.held else iso(msg.next_attempt)
         out["held"] = msg.held
+        out["send_at"] = iso(msg.send_at)
+        out["status"] = status(msg)
     else:
         reasons = {r["reason"] for r in recipients if "reason" in r}
         out["reason"] = reasons.pop() if len(reasons) == 1 else "mixed"
         out["dead_lettered_at"] = iso(msg.dead_at)
     return out
+
+
+def status(msg: Message) -> str:
+    """Why a queued message waits: held, scheduled, deferred (it was tried) or queued."""
+    if msg.held:
+        return "held"
+    if msg.send_at is not None and msg.send_at > time.time():
+        return "scheduled"
+    return "deferred" if msg.attempts else "queued"
 
 
 def list_entries(spool: Spool, args: argparse.Namespace) -> int:
@@ -289,6 +300,8 @@ def render(messages: list[Message], where: str) -> str:
         arrival = datetime.fromtimestamp(msg.queued_at, UTC).strftime("%a %b %d %H:%M:%S")
         mark = "!" if msg.held else ""  # as in mailq: ! is on hold
         lines.append(f"{msg.id + mark:<21}{msg.size:>9} {arrival:<21}{msg.sender or '<>'}")
+        if where == QUEUE and status(msg) == "scheduled":
+            lines.append(f"{'':>52}(scheduled for {iso(msg.send_at)})")
         for rcpt in msg.recipients:
             if where == DEAD and not rcpt.final:
                 continue

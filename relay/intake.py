@@ -16,7 +16,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from relay import dkim, logs, metrics, users
+from relay import directives, dkim, logs, metrics, users
 from relay.config import Config, ConfigError
 from relay.guard import REPLY_BANNED, Guard
 from relay.session import KINDS, REPLY_SHUTTING_DOWN, Credentials, RelaySMTP
@@ -235,7 +235,13 @@ class IntakeHandler:
         refusal = self._content_problem(content, session)
         if refusal:
             return refusal
+        try:
+            content, asked = directives.extract(content)
+        except directives.DirectiveError as exc:
+            return self.reject("bad_directive", str(exc), session)
         msg = self._message(session, envelope, len(content))
+        if asked.send_at is not None and asked.send_at > msg.queued_at:
+            msg.send_at = msg.next_attempt = asked.send_at
         assert isinstance(server, RelaySMTP)
         header = received_header(self.cfg.smtp.hostname, server, session, envelope, msg.id)
         try:
@@ -253,7 +259,7 @@ class IntakeHandler:
         metrics.INTAKE_SECONDS.observe(time.monotonic() - started)
         logs.event(
             "received", id=msg.id, sender=msg.sender, rcpts=envelope.rcpt_tos,
-            size=msg.size, client=peer_ip(session), user=session.auth_data,
+            size=msg.size, client=peer_ip(session), user=session.auth_data, send_at=msg.send_at,
         )  # fmt: skip
         return REPLY_QUEUED.format(msg.id)
 

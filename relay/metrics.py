@@ -25,11 +25,11 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REJECT_REASONS = (
     "relay_denied", "bad_address", "smtputf8_required", "too_many_recipients",
-    "message_too_big", "bare_line_end", "nul_byte", "bad_syntax", "local_error",
+    "message_too_big", "bare_line_end", "nul_byte", "bad_syntax", "bad_directive", "local_error",
     "shutting_down",
     "too_many_connections", "rate_limited", "banned", "auth_failed", "sender_not_owned",
 )  # fmt: skip
-QUEUE_STATES = ("queued", "active", "deferred", "held")
+QUEUE_STATES = ("queued", "scheduled", "active", "deferred", "held")
 ATTEMPT_OUTCOMES = ("delivered", "temporary", "permanent")
 RECIPIENT_RESULTS = ("delivered", "bounced", "expired")
 OTHER_PROVIDER = "other"

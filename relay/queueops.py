@@ -22,7 +22,7 @@ def apply(op: str, msg: Message, domain: str | None, now: float) -> bool:
 
     delete with --domain removes only that domain's pending recipients; the message goes when
     none is left. flush makes a message due now but leaves a held one held (as postqueue -f
-    does); release makes it due now.
+    does) and a scheduled one waiting for its time; release makes it due now.
     """
     if op == "delete":
         if domain is None:
@@ -35,6 +35,6 @@ def apply(op: str, msg: Message, domain: str | None, now: float) -> bool:
         msg.held = True
     elif op == "release":
         msg.held, msg.next_attempt = False, now
-    elif op == "flush" and not msg.held:
+    elif op == "flush" and not msg.held and (msg.send_at or 0.0) <= now:
         msg.next_attempt = now
     return False

@@ -54,6 +54,7 @@ class Entry:
     attempts: int = 0
     last_attempt: float = 0.0
     held: bool = False
+    scheduled: bool = False  # waiting for its X-Relay-Send-At time, never attempted yet
     running: bool = False
     due: float = 0.0  # time.monotonic() of the next attempt
 
@@ -63,7 +64,9 @@ class Entry:
             return "active"
         if self.held:
             return "held"
-        return "deferred" if self.attempts else "queued"
+        if self.attempts:
+            return "deferred"
+        return "scheduled" if self.scheduled else "queued"
 
 
 class Limiter:
@@ -129,7 +132,8 @@ class Scheduler:
 
     def _index(self, msg: Message) -> Entry:
         last = max((r.last_attempt or 0.0 for r in msg.recipients), default=0.0)
-        entry = Entry(msg.id, msg.born, msg.attempts, last, msg.held)
+        scheduled = msg.send_at is not None and msg.send_at > time.time()
+        entry = Entry(msg.id, msg.born, msg.attempts, last, msg.held, scheduled)
         self.index[msg.id] = entry
         self.states[entry.state] += 1
         heapq.heappush(self.ages, (entry.born, entry.id))
@@ -240,7 +244,7 @@ class Scheduler:
             entry = self.index.get(msg_id)
             if entry is None or entry.running or entry.held or entry.due != due:
                 continue  # a stale heap item: deleted, held, in flight, or rescheduled since
-            self._change(entry, running=True)
+            self._change(entry, running=True, scheduled=False)
             self.active += 1
             task = asyncio.create_task(self._attempt(entry))
             self.tasks.add(task)

@@ -117,11 +117,13 @@ class Message:
     dead_at: float | None = None
     requeued_at: float | None = None  # a requeue from the dead letters starts a fresh max_age
     held: bool = False  # `relay queue hold`: never attempted until released
+    send_at: float | None = None  # X-Relay-Send-At: not attempted before this UTC time
 
     @property
     def born(self) -> float:
-        """Start of the message's max_age window."""
-        return self.requeued_at or self.queued_at
+        """Start of the message's max_age window: its arrival, its scheduled time, or its
+        requeue from the dead letters."""
+        return self.requeued_at or max(self.queued_at, self.send_at or 0.0)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if not r.final]
@@ -155,6 +157,7 @@ class Message:
             dead_at=data.get("dead_at"),
             requeued_at=data.get("requeued_at"),
             held=bool(data.get("held", False)),
+            send_at=data.get("send_at"),
         )
 
 
