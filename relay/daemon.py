@@ -70,20 +70,22 @@ def preflight(config_file: str | None, cfg: config.Config) -> list[str]:
             users.load(users_file)
         except users.UsersError as exc:
             raise config.ConfigError(f"smtp.auth.users_file: {exc}") from None
-    secrets_ = [Path(config_file)] if config_file else []
-    secrets_ += [p for p in (users_file, cfg.smtp.tls.key) if p is not None]
+    secrets_ = [p for p in (users_file, cfg.smtp.tls.key) if p is not None]
     secrets_ += [key.key_file for key in cfg.dkim.keys]
-    return [problem for path in secrets_ if (problem := exposed(path))]
+    warnings = [problem for path in secrets_ if (problem := exposed(path, 0o007, "o-rwx"))]
+    if config_file:  # like Postfix's main.cf: readable is fine, writable by others is not
+        warnings += [p for p in [exposed(Path(config_file), 0o022, "go-w")] if p]
+    return warnings
 
 
-def exposed(path: Path) -> str | None:
-    """A warning if path can be read or written by others than its owner and group."""
+def exposed(path: Path, forbidden: int, fix: str) -> str | None:
+    """A warning if path's mode has any of the forbidden permission bits."""
     try:
         mode = path.stat().st_mode
     except OSError:
         return None
-    if mode & 0o007:
-        return f"{path} is accessible to other users (mode {mode & 0o777:o}); chmod o-rwx"
+    if mode & forbidden:
+        return f"{path} is open to other users (mode {mode & 0o777:o}); chmod {fix}"
     return None
 
 

@@ -281,8 +281,13 @@ def test_check_config_warns_about_readable_secrets(relay: RelayFactory, tmp_path
     daemon = relay({"smtp": {"auth": {"users_file": str(tmp_path / "users")}}}, start=False)
     add_user(daemon, "alice", "sender.test")
     (tmp_path / "users").chmod(0o644)
+    daemon.config.chmod(0o666)
     proc = daemon.cli("check-config")
-    assert "is accessible to other users (mode 644)" in proc.stderr
+    assert f"{tmp_path / 'users'} is open to other users (mode 644); chmod o-rwx" in proc.stderr
+    assert f"{daemon.config} is open to other users (mode 666); chmod go-w" in proc.stderr
+    daemon.config.chmod(0o644)
+    (tmp_path / "users").chmod(0o600)
+    assert daemon.cli("check-config").stderr == ""  # a readable config holds no secret
 
 
 def test_bad_certificate_stops_the_start_in_one_line(relay: RelayFactory, tmp_path: Path) -> None:
