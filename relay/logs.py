@@ -20,6 +20,8 @@ EVENTS = frozenset(
         "requeued", "deleted", "flushed", "held", "released", "reloaded", "reload_failed",
         # access
         "authenticated", "auth_failed", "insecure_permissions",
+        # what a library logs through Python's logging (aiosmtpd, asyncio), as JSON too
+        "library",
         # spool and lifecycle
         "quarantined", "recovered", "started", "ready", "stopping", "stopped",
         "child_exited", "child_restarting", "error",
@@ -42,6 +44,20 @@ def configure(process: str) -> None:
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(process=process)
+    # Libraries log through the stdlib: their records become JSON events as well (never raw
+    # text with a client's bytes in it). aiosmtpd's per-command chatter is left out: the
+    # intake logs and counts every refusal itself.
+    logging.basicConfig(handlers=[_LibraryHandler()], level=logging.WARNING, force=True)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+
+
+class _LibraryHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        fields = {"logger": record.name, "message": record.getMessage()}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = repr(record.exc_info[1])
+        event("library", level=level, **fields)
 
 
 def event(name: str, **fields: Any) -> None:

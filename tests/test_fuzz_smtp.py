@@ -7,7 +7,8 @@ slipped in), random line ends (CRLF, LF, CR, none) and random cuts between write
 ends the session (the end of DATA if one is open, then QUIT) and reads to the end. Properties:
 
 - every byte the server sends is part of a well-formed reply line, `^\\d{3}[ -].*\\r\\n`
-  (the greeting included), and the lines of a multi-line reply share one code;
+  with no CR or LF inside (the greeting included), and the lines of a multi-line reply
+  share one code;
 - the connection stays usable until QUIT or is closed cleanly, after a 221, 421 or 502;
 - the daemon logs no `error` event and no traceback, and `/healthz` answers 200;
 - every `250 ... queued as <id>` is not lost: the message is in the spool or at the MX sink.

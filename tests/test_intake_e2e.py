@@ -198,3 +198,14 @@ def test_utf8_mail_is_not_downgraded_to_a_server_without_smtputf8(
     [entry] = daemon.cli_json("dlq", "list")
     assert entry["recipients"][0]["reply"]["enhanced"] == "5.6.7"
     assert sink.received == []
+
+
+def test_every_log_line_is_json_even_for_hostile_commands(
+    relay: RelayFactory, sink: MxSink
+) -> None:
+    """aiosmtpd's own log lines would carry the client's raw bytes; none reaches the log."""
+    daemon = relay()
+    converse(daemon, b"X\rY\r\n", b"\x1b[2J\r\n", b"VRFY <<\x80>\r\n")
+    daemon.send(["user@a.test"])
+    sink.wait_for(1)
+    assert [e for e in daemon.lines if e.get("event") == "raw"] == []
