@@ -9,7 +9,7 @@ import heapq
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -454,23 +454,40 @@ class Scheduler:
         return result
 
     async def _operate_one(self, op: str, msg_id: str, domain: str | None) -> str:
-        entry = self.index.get(msg_id)
-        if entry is not None and entry.running and not await self._settle(msg_id):
+        known = msg_id in self.index
+        if known and self.index[msg_id].running and not await self._settle(msg_id):
             return "busy"
-        try:
-            msg = await asyncio.to_thread(self.spool.load, msg_id)
-        except SpoolError:  # finished (delivered or dead-lettered) while we waited, or unknown
-            return "gone" if entry is not None else "missing"
-        if not selects(msg, domain):
-            return "skipped"
-        if apply(op, msg, domain, time.time()):
-            await asyncio.to_thread(self.spool.remove, msg_id)
-            self._drop(msg_id)
-        else:
-            await asyncio.to_thread(self.spool.save, msg)
-            self._update(msg)
+        async with self._claim(msg_id):
+            try:
+                msg = await asyncio.to_thread(self.spool.load, msg_id)
+            except SpoolError:  # finished (delivered or dead-lettered) meanwhile, or unknown
+                self._drop(msg_id)
+                return "gone" if known else "missing"
+            if not selects(msg, domain):
+                self._update(msg)
+                return "skipped"
+            if apply(op, msg, domain, time.time()):
+                await asyncio.to_thread(self.spool.remove, msg_id)
+                self._drop(msg_id)
+            else:
+                await asyncio.to_thread(self.spool.save, msg)
+                self._update(msg)
         logs.event(PAST[op], id=msg_id, domain=domain)
         return "done"
+
+    @contextlib.asynccontextmanager
+    async def _claim(self, msg_id: str) -> AsyncIterator[None]:
+        """Keep the dispatcher off msg_id while an operator action changes it on disk, so no
+        attempt starts from (or overwrites) a state the action is rewriting."""
+        entry = self.index.get(msg_id)
+        if entry is not None:
+            self._change(entry, running=True)
+        try:
+            yield
+        finally:
+            if entry is not None and self.index.get(msg_id) is entry:
+                self._change(entry, running=False)
+                self.wake.set()
 
     def _update(self, msg: Message) -> None:
         """Index msg again after an operator changed it on disk."""
@@ -497,11 +514,12 @@ class Scheduler:
         entry = self.index.get(msg_id)
         if entry is not None and entry.running and not await self._settle(msg_id):
             return "busy"
-        try:
-            msg = await asyncio.to_thread(self.spool.requeue, msg_id, time.time())
-        except SpoolError:
-            return "missing"
-        self._drop(msg_id)
-        self._index(msg)
+        async with self._claim(msg_id):
+            try:
+                msg = await asyncio.to_thread(self.spool.requeue, msg_id, time.time())
+            except SpoolError:
+                return "missing"
+            self._drop(msg_id)
+            self._index(msg)
         logs.event("requeued", id=msg_id)
         return "done"
