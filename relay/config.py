@@ -466,6 +466,11 @@ def parse(text: str, source: str = "<config>") -> Config:
     return cfg
 
 
+def why(exc: OSError | ssl.SSLError) -> str:
+    """The short reason an OS or TLS error gives (no errno or library prefix)."""
+    return str(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
+
+
 def _inconsistency(cfg: Config) -> str | None:
     """Settings that are each valid but do not go together."""
     tls, auth = cfg.smtp.tls, cfg.smtp.auth
@@ -480,8 +485,7 @@ def _inconsistency(cfg: Config) -> str | None:
         try:
             ssl.create_default_context().load_verify_locations(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
-            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-            return f"delivery.tls.ca_file: cannot load {ca_file}: {reason}"
+            return f"delivery.tls.ca_file: cannot load {ca_file}: {why(exc)}"
     return None
 
 

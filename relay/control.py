@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from relay.queueops import OPS, apply, selects
@@ -48,10 +48,7 @@ async def serve(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
             await writer.drain()
         writer.close()
 
-    address = spool.socket_address(CONTROL_SOCKET)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(address)
-    return await asyncio.start_unix_server(handle, address)
+    return await _listen(spool, CONTROL_SOCKET, handle)
 
 
 async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) -> Result:
@@ -81,7 +78,16 @@ async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractSer
         finally:
             writer.close()
 
-    address = spool.socket_address(WAKE_SOCKET)
+    return await _listen(spool, WAKE_SOCKET, handle)
+
+
+async def _listen(
+    spool: Spool,
+    name: str,
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> asyncio.AbstractServer:
+    """A UNIX stream server on run/<name>, replacing a socket left by a previous run."""
+    address = spool.socket_address(name)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(address)
     return await asyncio.start_unix_server(handle, address)

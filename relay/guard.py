@@ -19,6 +19,14 @@ WINDOW = 60.0  # the command rate is per minute
 MAX_AUTH_DELAY = 5.0
 
 
+def client_address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """A peer's address without its IPv6 zone, and IPv4 for an IPv4-mapped IPv6 one."""
+    address = ipaddress.ip_address(ip.partition("%")[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 class Guard:
     """Counts per client IP; every table is pruned as clients leave or windows pass."""
 
@@ -31,9 +39,7 @@ class Guard:
         self.banned: dict[str, float] = {}  # ip → monotonic time the ban ends
 
     def trusted(self, ip: str) -> bool:
-        address = ipaddress.ip_address(ip.partition("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        address = client_address(ip)
         return any(address in net for net in self.cfg.smtp.relay_networks)
 
     def admit(self, ip: str) -> tuple[str, str] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import ipaddress
 import re
 import ssl
 import time
@@ -17,8 +16,9 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import directives, dkim, logs, metrics, users
-from relay.config import Config, ConfigError
-from relay.guard import REPLY_BANNED, Guard
+from relay.config import Config, ConfigError, why
+from relay.guard import REPLY_BANNED, Guard, client_address
+from relay.resolver import address_literal
 from relay.session import KINDS, REPLY_SHUTTING_DOWN, Credentials, RelaySMTP
 from relay.spool import Message, Recipient, Spool, new_id
 
@@ -58,8 +58,7 @@ def tls_context(cfg: Config) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(tls.cert, tls.key)
     except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
-        raise ConfigError(f"smtp.tls: cannot load {tls.cert} / {tls.key}: {reason}") from None
+        raise ConfigError(f"smtp.tls: cannot load {tls.cert} / {tls.key}: {why(exc)}") from None
     return context
 
 
@@ -95,7 +94,7 @@ class IntakeHandler:
         self.users_stamp = None
 
     def plaintext_auth_allowed(self, ip: str) -> bool:
-        return self.cfg.smtp.auth.plaintext_on_loopback and ipaddress.ip_address(ip).is_loopback
+        return self.cfg.smtp.auth.plaintext_on_loopback and client_address(ip).is_loopback
 
     def reject(self, reason: str, reply: str, session: Session, **fields: Any) -> str:
         """Count and log one refusal, and return its reply."""
@@ -317,17 +316,9 @@ def address_problem(address: str, smtputf8: bool, *, allow_empty: bool) -> str |
     local, at, domain = address.rpartition("@")
     if not at or not local or len(address) > 254:
         return REPLY_BAD_ADDRESS
-    if domain.startswith("[") and domain.endswith("]"):
-        return None if _is_address_literal(domain[1:-1]) else REPLY_BAD_ADDRESS
+    if domain.startswith("["):
+        return None if address_literal(domain) else REPLY_BAD_ADDRESS
     return None if DOMAIN_RE.match(domain) else REPLY_BAD_ADDRESS
-
-
-def _is_address_literal(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text[5:] if text.upper().startswith("IPV6:") else text)
-    except ValueError:
-        return False
-    return True
 
 
 def received_header(

@@ -189,15 +189,21 @@ def _name(domain: str) -> dns.name.Name:
     return name
 
 
-def _literal(literal: str) -> Route:
-    """RFC 5321 §4.1.3: `[192.0.2.1]` or `[IPv6:2001:db8::1]` names the host itself; no DNS."""
-    inner = literal[1:-1] if literal.endswith("]") else ""
+def address_literal(literal: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """RFC 5321 §4.1.3: the address in `[192.0.2.1]` or `[IPv6:2001:db8::1]`, else None."""
+    inner = literal[1:-1] if literal.startswith("[") and literal.endswith("]") else ""
     version, text = (6, inner[5:]) if inner.lower().startswith("ipv6:") else (4, inner)
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        address = None
-    if address is None or address.version != version:
+        return None
+    return address if address.version == version else None
+
+
+def _literal(literal: str) -> Route:
+    """A domain literal names the host itself; no DNS."""
+    address = address_literal(literal)
+    if address is None:
         raise ResolveError(Reply(550, "5.1.2", f"{literal} is not a valid address literal"))
     return Route(literal, (Host(literal, 0, (str(address),)),))
 

@@ -137,6 +137,9 @@ def test_bare_line_ends_refused(relay: RelayFactory, sink: MxSink, content: byte
         (b"RCPT TO:<>\r\n", b"501 5.1.3 Bad recipient address syntax"),
         (b"RCPT TO:<\xc3\xa9@a.test>\r\n", b"553 5.6.7 Non-ASCII address requires SMTPUTF8"),
         (b"RCPT TO:<user@[300.1.1.1]>\r\n", b"501 5.1.3 Bad recipient address syntax"),
+        # RFC 5321 §4.1.3: an IPv6 literal needs its tag, and the tag an IPv6 address.
+        (b"RCPT TO:<user@[::1]>\r\n", b"501 5.1.3 Bad recipient address syntax"),
+        (b"RCPT TO:<user@[IPv6:127.0.0.1]>\r\n", b"501 5.1.3 Bad recipient address syntax"),
     ],
 )
 def test_bad_recipient_addresses(
