@@ -28,8 +28,12 @@ REJECT_REASONS = (
     "message_too_big", "bare_line_end", "nul_byte", "bad_syntax", "bad_directive", "local_error",
     "shutting_down",
     "too_many_connections", "rate_limited", "banned", "auth_failed", "sender_not_owned",
+    "over_quota",
 )  # fmt: skip
-QUEUE_STATES = ("queued", "scheduled", "active", "deferred", "held")
+QUEUE_STATES = (
+    "queued", "scheduled", "active", "deferred", "throttled", "quota", "held", "suspended",
+)  # fmt: skip
+CONNECTION_KINDS = ("opened", "reused")
 ATTEMPT_OUTCOMES = ("delivered", "temporary", "permanent")
 RECIPIENT_RESULTS = ("delivered", "bounced", "expired")
 OTHER_PROVIDER = "other"
@@ -46,6 +50,12 @@ INTAKE_SECONDS = Histogram(
     "relay_intake_seconds",
     "From the end of DATA to the 250 reply (durable write included).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+QUOTA_HELD = Counter(
+    "relay_quota_exceeded",
+    "Messages over a sending quota, by what happened to them (held until the window, refused).",
+    ["action"],
 )
 
 # --- scheduler ------------------------------------------------------------------------------
@@ -84,6 +94,29 @@ STS_TESTING_FAILURES = Counter(
     "Sessions an MTA-STS policy in testing mode would have refused (delivered anyway).",
 )
 RECIPIENTS = Counter("relay_recipients", "Recipients reaching a final result.", ["result"])
+CONNECTIONS = Counter(
+    "relay_delivery_connections",
+    "Outbound SMTP transactions by connection: a new one opened, or an idle one reused.",
+    ["kind"],
+)
+THROTTLE_LEVEL = Gauge(
+    "relay_destination_throttle_level",
+    "Adaptive throttling level of each throttled destination (0 = full speed; only "
+    "destinations throttled since the start have a series).",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+SUSPENDED = Gauge(
+    "relay_destination_suspended",
+    "1 while a destination is suspended after a reply matching throttle.suspend.",
+    ["destination"],
+    multiprocess_mode="livemax",
+)
+THROTTLE_EVENTS = Counter(
+    "relay_destination_throttle_events",
+    "Throttle signals (421, 4.7.28, rate wording, configured patterns) by provider.",
+    ["provider"],
+)
 
 
 def prime(providers: Iterable[str]) -> None:
@@ -95,12 +128,17 @@ def prime(providers: Iterable[str]) -> None:
     names = [*providers, OTHER_PROVIDER]
     for provider in names:
         DEFERRALS.labels(provider)
+        THROTTLE_EVENTS.labels(provider)
         for outcome in ATTEMPT_OUTCOMES:
             ATTEMPTS.labels(outcome, provider)
     for result in RECIPIENT_RESULTS:
         RECIPIENTS.labels(result)
     for result in TLS_RESULTS:
         TLS.labels(result)
+    for kind in CONNECTION_KINDS:
+        CONNECTIONS.labels(kind)
+    for action in ("held", "refused"):
+        QUOTA_HELD.labels(action)
 
 
 # --- supervisor: aggregation and its own measurements ---------------------------------------

@@ -118,12 +118,14 @@ class Message:
     requeued_at: float | None = None  # a requeue from the dead letters starts a fresh max_age
     held: bool = False  # `relay queue hold`: never attempted until released
     send_at: float | None = None  # X-Relay-Send-At: not attempted before this UTC time
+    lane: str = "normal"  # priority lane: high | normal | low
+    quota_until: float | None = None  # over its sending quota: not attempted before this time
 
     @property
     def born(self) -> float:
-        """Start of the message's max_age window: its arrival, its scheduled time, or its
-        requeue from the dead letters."""
-        return self.requeued_at or max(self.queued_at, self.send_at or 0.0)
+        """Start of the message's max_age window: its arrival, its scheduled time, the end of
+        its quota wait, or its requeue from the dead letters."""
+        return self.requeued_at or max(self.queued_at, self.send_at or 0.0, self.quota_until or 0.0)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if not r.final]
@@ -158,6 +160,8 @@ class Message:
             requeued_at=data.get("requeued_at"),
             held=bool(data.get("held", False)),
             send_at=data.get("send_at"),
+            lane=str(data.get("lane", "normal")),
+            quota_until=data.get("quota_until"),
         )
 
 

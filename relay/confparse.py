@@ -1,0 +1,243 @@
+"""Configuration stage, value parsers: each turns one raw YAML value into its typed form or
+raises ValueError with a message that names the problem."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+HostPort = tuple[str, int]
+T = TypeVar("T")
+
+DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*\.?$")
+
+
+def duration(value: Any) -> float:
+    """`30s`, `5m`, `2h`, `3d` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (use 30s, 5m, 2h, 3d or seconds)")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = DURATION_RE.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a duration (use 30s, 5m, 2h, 3d or seconds)")
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def durations(value: Any) -> tuple[float, ...]:
+    items = _list(value)
+    if not items:
+        raise ValueError("must list at least one duration")
+    return tuple(_indexed(duration, items))
+
+
+def positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    if value < 1:
+        raise ValueError(f"{value} must be at least 1")
+    return value
+
+
+def port(value: Any) -> int:
+    number = positive_int(value)
+    if number > 65535:
+        raise ValueError(f"{number} is not a TCP port (1-65535)")
+    return number
+
+
+def fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{value!r} is not a number")
+    if not 0 <= value < 1:
+        raise ValueError(f"{value} must be at least 0 and below 1")
+    return float(value)
+
+
+def hostname(value: Any) -> str:
+    if not isinstance(value, str) or not HOSTNAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a host name")
+    return value.rstrip(".")
+
+
+def host_port(value: Any) -> HostPort:
+    """`host:port`, `[v6]:port` or `v6addr` is not accepted without brackets."""
+    text = str(value).strip()
+    match = re.match(r"^\[([^\]]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if match is None:
+        raise ValueError(f"{value!r} is not host:port (write IPv6 as [::1]:25)")
+    host = match.group(1)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        hostname(host)
+    return host, port(int(match.group(2)))
+
+
+def host_ports(value: Any) -> tuple[HostPort, ...]:
+    return tuple(_indexed(host_port, _list(value)))
+
+
+def ip_port(value: Any) -> HostPort:
+    """Like host_port, but the host must be an IP address (a DNS server cannot be a name)."""
+    host, number = host_port(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{value!r}: {host!r} is not an IP address") from None
+    return host, number
+
+
+def ip_ports(value: Any) -> tuple[HostPort, ...]:
+    return tuple(_indexed(ip_port, _list(value)))
+
+
+def networks(value: Any) -> tuple[Network, ...]:
+    def network(item: Any) -> Network:
+        try:
+            return ipaddress.ip_network(str(item), strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP network (e.g. 10.0.0.0/8)") from None
+
+    return tuple(_indexed(network, _list(value)))
+
+
+def providers(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """{name: [MX host glob, …]} in order; the first matching pattern names the provider."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r} is not a mapping of provider name to MX host patterns")
+    out = []
+    for name, patterns in value.items():
+        if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]*$", name):
+            raise ValueError(f"{name!r} is not a provider name (lowercase letters, digits, _)")
+        if name == "other":
+            raise ValueError("'other' is implicit (everything that matches no pattern)")
+        try:
+            globs = tuple(str(p).lower() for p in _list(patterns))
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        out.append((name, globs))
+    return tuple(out)
+
+
+def optional_path(value: Any) -> Path | None:
+    """A path, or "" / null for "not configured"."""
+    return None if value in ("", None) else path(value)
+
+
+def count(value: Any) -> int:
+    """An integer, 0 or more (0 switches a limit off)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not an integer of 0 or more")
+    return value
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"{value!r} is not one of {', '.join(options)}")
+        return str(value)
+
+    return parse
+
+
+TLS_MODES = ("opportunistic", "required", "verify")
+
+
+def tls_policies(value: Any) -> tuple[tuple[str, str], ...]:
+    """{recipient domain: mode}; a leading dot also matches subdomains (".example.com")."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r} is not a mapping of domain to TLS mode")
+    mode = choice(*TLS_MODES)
+    out = []
+    for domain, setting in value.items():
+        name = str(domain).lower().rstrip(".")
+        hostname(name.lstrip("."))
+        try:
+            out.append((name, mode(setting)))
+        except ValueError as exc:
+            raise ValueError(f"{domain}: {exc}") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DkimKey:
+    domain: str
+    selector: str
+    key_file: Path
+
+
+def dkim_keys(value: Any) -> tuple[DkimKey, ...]:
+    """[{domain, selector, key_file}, …]: one signing key per sender domain."""
+
+    def key(item: Any) -> DkimKey:
+        if not isinstance(item, Mapping) or set(item) != {"domain", "selector", "key_file"}:
+            raise ValueError(f"{item!r} needs exactly domain, selector and key_file")
+        selector = str(item["selector"])
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", selector):
+            raise ValueError(f"{selector!r} is not a DKIM selector")
+        return DkimKey(hostname(item["domain"]).lower(), selector, path(item["key_file"]))
+
+    keys = _indexed(key, _list(value))
+    domains = [k.domain for k in keys]
+    if len(domains) != len(set(domains)):
+        raise ValueError("one key per domain")
+    return tuple(keys)
+
+
+def header_names(value: Any) -> tuple[str, ...]:
+    def name(item: Any) -> str:
+        if not isinstance(item, str) or not re.match(r"^[!-9;-~]+$", item):
+            raise ValueError(f"{item!r} is not a header field name")
+        return item.lower()
+
+    names = tuple(_indexed(name, _list(value)))
+    if "from" not in names:
+        raise ValueError("must include from (RFC 6376 §5.4)")
+    return names
+
+
+def path(value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{value!r} is not a path")
+    return Path(value).expanduser().absolute()
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{value!r} is not a list")
+    return value
+
+
+def _indexed(parse: Callable[[Any], T], items: list[Any]) -> list[T]:
+    """Apply parse to each item, naming the failing index in the error."""
+    out = []
+    for index, item in enumerate(items):
+        try:
+            out.append(parse(item))
+        except ValueError as exc:
+            raise ValueError(f"[{index}] {exc}") from None
+    return out
+
+
+def option(parse: Callable[[Any], Any], default: Any) -> Any:
+    """A dataclass field with its YAML parser and default."""
+    return field(default=default, metadata={"parse": parse})
