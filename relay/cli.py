@@ -241,8 +241,9 @@ def iso(timestamp: float | None) -> str | None:
     )
 
 
-def item(msg: Message, where: str) -> dict[str, Any]:
-    """The JSON shape of one queued or dead-lettered message."""
+def item(msg: Message, where: str, why: list[Any] | None = None) -> dict[str, Any]:
+    """The JSON shape of one queued or dead-lettered message; why is the running scheduler's
+    [reason, expected attempt, detail] for it, if it runs."""
     recipients = []
     for rcpt in msg.recipients:
         data = rcpt.as_dict()
@@ -259,12 +260,17 @@ def item(msg: Message, where: str) -> dict[str, Any]:
         "attempts": max((r.attempts for r in msg.recipients), default=0),
         "queued_at": iso(msg.queued_at),
         "size": msg.size,
+        "lane": msg.lane,
     }
     if where == QUEUE:
+        reason, expected, detail = why or waiting(msg, time.time())
         out["next_attempt"] = None if msg.held else iso(msg.next_attempt)
         out["held"] = msg.held
         out["send_at"] = iso(msg.send_at)
-        out["status"] = status(msg)
+        out["quota_until"] = iso(msg.quota_until)
+        out["status"] = out["reason"] = reason
+        out["expected_attempt_at"] = iso(expected)
+        out["reason_detail"] = detail or last_reply(msg)
     else:
         reasons = {r["reason"] for r in recipients if "reason" in r}
         out["reason"] = reasons.pop() if len(reasons) == 1 else "mixed"
@@ -272,36 +278,48 @@ def item(msg: Message, where: str) -> dict[str, Any]:
     return out
 
 
-def status(msg: Message) -> str:
-    """Why a queued message waits: held, scheduled, deferred (it was tried) or queued."""
+def waiting(msg: Message, now: float) -> list[Any]:
+    """Why a queued message waits, read from the spool alone (the daemon is stopped):
+    [held | scheduled | quota | deferred | queued, expected attempt, detail]."""
     if msg.held:
-        return "held"
-    if msg.send_at is not None and msg.send_at > time.time():
-        return "scheduled"
-    return "deferred" if msg.attempts else "queued"
+        return ["held", None, "relay queue release to let it go"]
+    if msg.send_at is not None and msg.send_at > now:
+        return ["scheduled", msg.send_at, None]
+    if msg.quota_until is not None and msg.quota_until > now:
+        return ["quota", msg.quota_until, "over its sending quota until the window resets"]
+    return ["deferred" if msg.attempts else "queued", max(now, msg.next_attempt), None]
+
+
+def last_reply(msg: Message) -> str | None:
+    """The last reply a pending recipient got (what a deferred message waits out)."""
+    replies = [r for r in msg.pending() if r.reply is not None]
+    latest = max(replies, key=lambda r: r.last_attempt or 0.0, default=None)
+    return None if latest is None else f"{latest.address}: {latest.reply}"
 
 
 def list_entries(spool: Spool, args: argparse.Namespace) -> int:
     where = QUEUE if args.command == "queue" else DEAD
     messages = list(iter_messages(spool, where))
+    reasons = control.inspect(spool, "reasons") if where == QUEUE and messages else None
+    items = [item(m, where, (reasons or {}).get(m.id)) for m in messages]
     if args.json:
-        print(json.dumps([item(m, where) for m in messages], indent=2))
+        print(json.dumps(items, indent=2))
         return 0
-    print(render(messages, where))
+    print(render(messages, items, where))
     return 0
 
 
-def render(messages: list[Message], where: str) -> str:
-    """A mailq-style listing: id, size, arrival, sender, then each recipient and why it waits."""
+def render(messages: list[Message], items: list[dict[str, Any]], where: str) -> str:
+    """A mailq-style listing: id, size, arrival, sender, why it waits, then each recipient."""
     if not messages:
         return "Mail queue is empty" if where == QUEUE else "Dead-letter spool is empty"
     lines = [f"{'-Queue ID-':<21}{'--Size--':>9} {'----Arrival Time----':<21}-Sender/Recipient-"]
-    for msg in messages:
+    for msg, data in zip(messages, items, strict=True):
         arrival = datetime.fromtimestamp(msg.queued_at, UTC).strftime("%a %b %d %H:%M:%S")
         mark = "!" if msg.held else ""  # as in mailq: ! is on hold
         lines.append(f"{msg.id + mark:<21}{msg.size:>9} {arrival:<21}{msg.sender or '<>'}")
-        if where == QUEUE and status(msg) == "scheduled":
-            lines.append(f"{'':>52}(scheduled for {iso(msg.send_at)})")
+        if where == QUEUE:
+            lines.append(f"{'':>52}{why_line(data)}")
         for rcpt in msg.recipients:
             if where == DEAD and not rcpt.final:
                 continue
@@ -314,6 +332,19 @@ def render(messages: list[Message], where: str) -> str:
     total = sum(m.size for m in messages)
     lines.append(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} Requests.")
     return "\n".join(lines)
+
+
+def why_line(data: dict[str, Any]) -> str:
+    """(reason until when: detail), e.g. (throttled until 2026-11-22T10:00:00Z: gmail …) or
+    (scheduled for 2026-11-22T10:00:00Z)."""
+    text = data["reason"]
+    if data["expected_attempt_at"] is not None:
+        text += f" {'for' if text == 'scheduled' else 'until'} {data['expected_attempt_at']}"
+    if data["reason"] in ("throttled", "suspended", "quota", "held") and data["reason_detail"]:
+        text += f": {data['reason_detail']}"
+    if data["lane"] != "normal":
+        text += f" [{data['lane']} priority]"
+    return f"({text})"
 
 
 def show(spool: Spool, args: argparse.Namespace) -> int:
@@ -395,11 +426,21 @@ def report(action: str, target: str, result: dict[str, list[str]]) -> int:
 
 
 def queue_summary(spool: Spool, args: argparse.Namespace) -> int:
-    """qshape: queued messages by recipient domain and age."""
+    """qshape: queued messages by recipient domain and age, then (daemon running) the
+    destinations that are busy, throttled or suspended."""
     if args.top is not None and args.top < 0:
         raise Fail("--top: must be 0 or more", EX_USAGE)
     shape = summary.summarize(iter_messages(spool, QUEUE), time.time(), top=args.top)
-    print(json.dumps(shape.as_json(), indent=2) if args.json else summary.render(shape))
+    live = control.inspect(spool, "destinations")
+    dests = [] if live is None else live["destinations"]
+    if args.json:
+        print(json.dumps({**shape.as_json(), "destinations": dests, "daemon": live is not None},
+                         indent=2))  # fmt: skip
+        return 0
+    print(summary.render(shape))
+    if dests:
+        print()
+        print(summary.render_destinations(dests))
     return 0
 
 

@@ -51,8 +51,13 @@ async def serve(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
     return await _listen(spool, CONTROL_SOCKET, handle)
 
 
-async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) -> Result:
-    op, target, domain = request["op"], request["target"], request.get("domain")
+async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) -> Any:
+    op = request["op"]
+    if op == "reasons":
+        return scheduler.reasons()
+    if op == "destinations":
+        return {"destinations": scheduler.destination_report()}
+    target, domain = str(request["target"]), request.get("domain")
     if op in OPS:
         return await scheduler.operate(op, target, domain)
     if op == "requeue":
@@ -129,22 +134,34 @@ def request(spool: Spool, op: str, target: str, domain: str | None = None) -> Re
     with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
         if offline:
             return _offline(spool, op, target, domain)
-    return _live(spool, {"op": op, "target": target, "domain": domain})
+    result: Result = _live(spool, {"op": op, "target": target, "domain": domain})
+    return result
 
 
-def _live(spool: Spool, message: dict[str, str | None], timeout: float = 30.0) -> Result:
+def inspect(spool: Spool, op: str) -> Any:
+    """The running scheduler's view (op: reasons, destinations), or None when it is stopped."""
+    with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
+        if offline:
+            return None
+    return _live(spool, {"op": op}, raw=True)
+
+
+def _live(
+    spool: Spool, message: dict[str, str | None], timeout: float = 30.0, raw: bool = False
+) -> Any:
     """Ask the running scheduler; it may be restarting, so retry for a few seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return _ask(spool.socket_address(CONTROL_SOCKET), message, timeout)
+            reply = _ask(spool.socket_address(CONTROL_SOCKET), message, timeout)
+            return reply if raw else {k: list(v) for k, v in reply.items()}
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() > deadline:
                 raise ControlError(f"the daemon is running but not answering: {exc}") from None
             time.sleep(0.2)
 
 
-def _ask(address: str, message: dict[str, str | None], timeout: float) -> Result:
+def _ask(address: str, message: dict[str, str | None], timeout: float) -> Any:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(address)
@@ -152,7 +169,7 @@ def _ask(address: str, message: dict[str, str | None], timeout: float) -> Result
         reply = json.loads(sock.makefile("rb").readline() or b"{}")
     if "error" in reply:
         raise ControlError(f"the daemon refused the request: {reply['error']}")
-    return {k: list(v) for k, v in reply.items()}
+    return reply
 
 
 def _offline(spool: Spool, op: str, target: str, domain: str | None) -> Result:

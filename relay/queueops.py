@@ -22,7 +22,8 @@ def apply(op: str, msg: Message, domain: str | None, now: float) -> bool:
 
     delete with --domain removes only that domain's pending recipients; the message goes when
     none is left. flush makes a message due now but leaves a held one held (as postqueue -f
-    does) and a scheduled one waiting for its time; release makes it due now.
+    does), and a scheduled one or one over its quota waiting for its time; release makes it
+    due now, the operator's word overriding a quota wait too.
     """
     if op == "delete":
         if domain is None:
@@ -34,7 +35,7 @@ def apply(op: str, msg: Message, domain: str | None, now: float) -> bool:
     if op == "hold":
         msg.held = True
     elif op == "release":
-        msg.held, msg.next_attempt = False, now
-    elif op == "flush" and not msg.held and (msg.send_at or 0.0) <= now:
+        msg.held, msg.quota_until, msg.next_attempt = False, None, now
+    elif op == "flush" and not msg.held and max(msg.send_at or 0.0, msg.quota_until or 0.0) <= now:
         msg.next_attempt = now
     return False

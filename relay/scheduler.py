@@ -9,9 +9,9 @@ import heapq
 import random
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from relay import logs, metrics
 from relay.backoff import next_delay
@@ -20,6 +20,8 @@ from relay.config import Config
 from relay.courier import Courier, RecipientResult
 from relay.queueops import PAST, apply, selects
 from relay.resolver import ResolveError, Resolver
+from relay.shapeconfig import LANES
+from relay.shaping import NEUTRAL, THROTTLE, Destination, Ready, Signal, combine, signal
 from relay.spool import (
     QUEUE,
     CorruptEntry,
@@ -36,6 +38,9 @@ ERROR_RETRY = 60.0
 SETTLE_TIMEOUT = 15.0
 # Gauges and the heartbeat are refreshed this often.
 TICK = 1.0
+# How long a recipient domain's destination (its limits' owner, learnt from its MX) is kept.
+DESTINATION_TTL = 300.0
+DESTINATION_CACHE = 100_000
 STATUS_OF = {
     Verdict.DELIVERED: "delivered",
     Verdict.TEMPORARY: "deferred",
@@ -55,18 +60,33 @@ class Entry:
     last_attempt: float = 0.0
     held: bool = False
     scheduled: bool = False  # waiting for its X-Relay-Send-At time, never attempted yet
+    quota: bool = False  # waiting for room in its sending quota, never attempted yet
     running: bool = False
+    ready: bool = False  # due, waiting in a destination's ready queue (or for its MX)
     due: float = 0.0  # time.monotonic() of the next attempt
+    lane: str = "normal"
+    domains: tuple[str, ...] = ()  # recipient domains still pending
+    routes: tuple[tuple[str, str], ...] = ()  # (domain, destination) while ready or running
 
     @property
     def state(self) -> str:
+        """The state counted in the queue gauge; "ready" is split by destination at each tick."""
         if self.running:
             return "active"
         if self.held:
             return "held"
-        if self.attempts:
-            return "deferred"
-        return "scheduled" if self.scheduled else "queued"
+        if self.ready:
+            return "ready"
+        if self.scheduled:
+            return "scheduled"
+        if self.quota:
+            return "quota"
+        return "deferred" if self.attempts else "queued"
+
+    @property
+    def dests(self) -> tuple[str, ...]:
+        """The distinct destinations this message's pending domains go to."""
+        return tuple(dict.fromkeys(dest for _, dest in self.routes))
 
 
 class Limiter:
@@ -116,6 +136,12 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.active = 0  # messages in flight; at most delivery.concurrency
         self.transactions = Limiter(cfg.delivery.concurrency)
+        self.router = self.resolver
+        self.ready = Ready(cfg.lanes.low_share)
+        self.destinations: dict[str, Destination] = {}
+        self.dest_cache: dict[str, tuple[str, float]] = {}  # domain: (destination, expiry)
+        self.resolving: dict[str, list[Entry]] = {}  # domain: entries waiting for its MX
+        self.shown: set[str] = set()  # destinations with throttle gauges
         self.tasks: set[asyncio.Task[None]] = set()
         self.waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self.incoming: list[str] = []
@@ -132,8 +158,14 @@ class Scheduler:
 
     def _index(self, msg: Message) -> Entry:
         last = max((r.last_attempt or 0.0 for r in msg.recipients), default=0.0)
-        scheduled = msg.send_at is not None and msg.send_at > time.time()
-        entry = Entry(msg.id, msg.born, msg.attempts, last, msg.held, scheduled)
+        now = time.time()
+        entry = Entry(
+            msg.id, msg.born, msg.attempts, last, msg.held,
+            scheduled=msg.send_at is not None and msg.send_at > now,
+            quota=msg.quota_until is not None and msg.quota_until > now,
+            lane=msg.lane if msg.lane in LANES else "normal",
+            domains=pending_domains(msg),
+        )  # fmt: skip
         self.index[msg.id] = entry
         self.states[entry.state] += 1
         heapq.heappush(self.ages, (entry.born, entry.id))
@@ -151,6 +183,7 @@ class Scheduler:
     def _drop(self, msg_id: str) -> None:
         entry = self.index.pop(msg_id, None)
         if entry is not None:
+            self._unready(entry)
             self.states[entry.state] -= 1
 
     async def scan(self) -> None:
@@ -215,18 +248,25 @@ class Scheduler:
             if self.incoming:
                 await self._adopt_incoming()
             self._dispatch_due()
+            self._start_ready()
             now = time.monotonic()
             if now >= next_scan:
                 await self.scan()
                 next_scan = now + self.cfg.delivery.scan_interval
             if now >= next_tick:
-                self._tick()
+                await self._tick()
                 next_tick = now + TICK
-            await self._sleep(min(next_scan, next_tick, self._next_due()))
+            await self._sleep(min(next_scan, next_tick, self._next_wake()))
 
-    def _next_due(self) -> float:
-        full = self.active >= self.cfg.delivery.concurrency
-        return float("inf") if full or not self.heap else self.heap[0][0]
+    def _next_wake(self) -> float:
+        """The heap's next due time, or when a waiting destination opens (rate slot or end of a
+        suspension); a busy destination or a full relay wakes us when an attempt ends."""
+        due = self.heap[0][0] if self.heap else float("inf")
+        if self.active >= self.cfg.delivery.concurrency or not self.ready:
+            return due
+        now = time.monotonic()
+        opens = (self._destination(dest).opens_at(now) for dest, _ in self.ready.waiting())
+        return min(due, *opens)
 
     async def _sleep(self, until: float) -> None:
         self.wake.clear()
@@ -237,29 +277,143 @@ class Scheduler:
             await asyncio.wait_for(self.wake.wait(), wait)
 
     def _dispatch_due(self) -> None:
-        while self.heap and self.heap[0][0] <= time.monotonic() and not self.stopping:
-            if self.active >= self.cfg.delivery.concurrency:
-                return  # an attempt ending sets wake, and dispatch resumes
+        """Move every message whose time has come into the ready queues."""
+        now = time.monotonic()
+        while self.heap and self.heap[0][0] <= now and not self.stopping:
             due, msg_id = heapq.heappop(self.heap)
             entry = self.index.get(msg_id)
-            if entry is None or entry.running or entry.held or entry.due != due:
-                continue  # a stale heap item: deleted, held, in flight, or rescheduled since
-            self._change(entry, running=True, scheduled=False)
-            self.active += 1
-            task = asyncio.create_task(self._attempt(entry))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            if entry is None or entry.running or entry.held or entry.ready or entry.due != due:
+                continue  # a stale heap item: deleted, held, busy, or rescheduled since
+            self._change(entry, ready=True, scheduled=False, quota=False)
+            self._route_or_resolve(entry)
 
-    def _tick(self) -> None:
-        """Refresh the queue gauges and tell the supervisor we are alive."""
-        for state in metrics.QUEUE_STATES:
-            metrics.QUEUE.labels(state).set(self.states[state])
+    def _route_or_resolve(self, entry: Entry) -> None:
+        """Queue entry at its first destination, or wait for the MX of a domain whose
+        destination is not known yet (one lookup per domain, however many wait for it)."""
+        now = time.monotonic()
+        routes = [(domain, self._cached_destination(domain, now)) for domain in entry.domains]
+        missing = [domain for domain, dest in routes if dest is None]
+        if not missing:
+            entry.routes = tuple((domain, dest or domain) for domain, dest in routes)
+            self.ready.push(entry, (entry.dests or ("",))[0])
+            return
+        for domain in missing:
+            waiting = self.resolving.setdefault(domain, [])
+            if not waiting:
+                self._spawn(self._learn_destination(domain))
+            if entry not in waiting:
+                waiting.append(entry)
+
+    def _cached_destination(self, domain: str, now: float) -> str | None:
+        cached = self.dest_cache.get(domain)
+        return cached[0] if cached is not None and cached[1] > now else None
+
+    async def _learn_destination(self, domain: str) -> None:
+        """Resolve domain's first MX (or smarthost) to find whose limits it shares."""
+        try:
+            route = await self.router.route(domain)
+            host: str | None = route.hosts[0].name
+        except Exception as exc:  # the attempt itself reports DNS trouble to the recipients
+            if not isinstance(exc, ResolveError):
+                logs.failure("scheduler", exc, domain=domain)
+            host = None
+        if len(self.dest_cache) >= DESTINATION_CACHE:
+            self.dest_cache.pop(next(iter(self.dest_cache)))
+        expiry = time.monotonic() + DESTINATION_TTL
+        self.dest_cache[domain] = (self.cfg.destination(domain, host), expiry)
+        for entry in self.resolving.pop(domain, []):
+            current = self.index.get(entry.id) is entry and entry.ready and not entry.routes
+            if current and not any(entry in self.resolving.get(d, ()) for d in entry.domains):
+                self._route_or_resolve(entry)
+        self.wake.set()
+
+    def _destination(self, name: str) -> Destination:
+        dest = self.destinations.get(name)
+        if dest is None:
+            dest = self.destinations[name] = Destination(name, self.cfg.limits(name))
+        return dest
+
+    def _start_ready(self) -> None:
+        """Start ready messages while the relay has capacity and their destinations allow."""
+        now = time.monotonic()
+
+        def opens(name: str) -> bool:
+            return self._destination(name).opens_at(now) <= now
+
+        while self.active < self.cfg.delivery.concurrency and not self.stopping:
+            found = self.ready.pick(opens)
+            if found is None:
+                return
+            entry = cast(Entry, found[0])
+            if self.index.get(entry.id) is not entry or not entry.ready:
+                continue  # left the queue while it waited
+            blocked = next((dest for dest in entry.dests if not opens(dest)), None)
+            if blocked is not None:  # a message to several destinations waits for each
+                self.ready.push(entry, blocked, front=True)
+                continue
+            self._start(entry, now)
+
+    def _start(self, entry: Entry, now: float) -> None:
+        for dest in entry.dests:
+            self._destination(dest).start(now, self.cfg.throttle)
+        self._change(entry, running=True, ready=False)
+        self.active += 1
+        self._spawn(self._attempt(entry))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _unready(self, entry: Entry) -> None:
+        """Take entry out of the ready queues and MX waits (deleted, held, operated on)."""
+        if not entry.ready:
+            return
+        for dest in entry.dests:
+            if self.ready.remove(entry, dest):
+                break
+        for domain in entry.domains:
+            waiting = self.resolving.get(domain)
+            if waiting is not None and entry in waiting:
+                waiting.remove(entry)
+        self._change(entry, ready=False)
+        entry.routes = ()
+
+    async def _tick(self) -> None:
+        """Refresh the gauges, close idle connections past their time, tell the supervisor
+        we are alive."""
+        self._gauges(time.monotonic())
         while self.ages and self.ages[0][1] not in self.index:
             heapq.heappop(self.ages)  # lazily forget messages that left the queue
         oldest = time.time() - self.ages[0][0] if self.ages else 0.0
         metrics.OLDEST.set(max(0.0, oldest))
         if self.heartbeat is not None:
             self.heartbeat()
+
+    def _gauges(self, now: float) -> None:
+        """Queue states, with ready messages counted by why they wait: their destination's
+        suspension, its limits or throttling, or only the relay's own capacity ("queued")."""
+        counts = Counter(self.states)
+        ready = counts.pop("ready", 0)
+        for name, waiting in self.ready.waiting():
+            counts[self._waits_for(self._destination(name), now)] += waiting
+            ready -= waiting
+        counts["queued"] += ready  # waiting for their MX to be looked up
+        for state in metrics.QUEUE_STATES:
+            metrics.QUEUE.labels(state).set(counts[state])
+        for name, dest in list(self.destinations.items()):
+            if dest.level or dest.suspended_until or name in self.shown:
+                self.shown.add(name)
+                metrics.THROTTLE_LEVEL.labels(name).set(dest.level)
+                metrics.SUSPENDED.labels(name).set(dest.suspended(now))
+            if dest.idle(now) and name not in self.shown:
+                del self.destinations[name]  # nothing to remember about it
+
+    @staticmethod
+    def _waits_for(dest: Destination, now: float) -> str:
+        if dest.suspended(now):
+            return "suspended"
+        return "throttled" if dest.throttled(now) else "queued"
 
     async def stop(self, grace: float) -> int:
         """Stop dispatching, let attempts in flight finish for `grace` seconds, then cut the
@@ -287,6 +441,16 @@ class Scheduler:
         if cfg.delivery.dns != old.delivery.dns:
             self.resolver = Resolver(cfg.delivery.dns)
         await self.transactions.resize(cfg.delivery.concurrency)
+        self.router = self.resolver
+        self.ready.low_share = cfg.lanes.low_share
+        for name, dest in self.destinations.items():
+            dest.limits = cfg.limits(name)
+        if (cfg.destinations, cfg.providers, cfg.routes) != (
+            old.destinations,
+            old.providers,
+            old.routes,
+        ):
+            self.dest_cache.clear()
         if cfg.delivery.retry != old.delivery.retry:
             self._reschedule_waiting()
         metrics.prime(cfg.provider_names())
@@ -295,7 +459,7 @@ class Scheduler:
     def _reschedule_waiting(self) -> None:
         """Deferred messages wait by the new retry schedule, counted from their last attempt."""
         for entry in self.index.values():
-            if entry.running or entry.held or not entry.attempts:
+            if entry.running or entry.held or entry.ready or not entry.attempts:
                 continue
             age = entry.last_attempt - entry.born
             delay = next_delay(entry.attempts, age, self.cfg.delivery.retry, self.rng)
@@ -304,16 +468,18 @@ class Scheduler:
     # --- one attempt of one message ----------------------------------------------------------
 
     async def _attempt(self, entry: Entry) -> None:
+        signals: dict[str, Signal] = {}
         try:
             msg = await self._load_for_attempt(entry)
             if msg is not None:
-                await self._deliver_all(msg)
+                await self._deliver_all(msg, dict(entry.routes), signals)
                 await self._conclude(entry, msg)
         except Exception as exc:  # an I/O failure or a bug must not stop the scheduler
             logs.failure("scheduler", exc, id=entry.id)
             if entry.id in self.index:
                 self.schedule(entry, time.time() + ERROR_RETRY)
         finally:
+            self._release(entry, signals)
             if entry.running:
                 self._change(entry, running=False)
             self.active -= 1
@@ -321,6 +487,21 @@ class Scheduler:
             for waiter in self.waiters.pop(entry.id, []):
                 if not waiter.done():
                     waiter.set_result(None)
+
+    def _release(self, entry: Entry, signals: dict[str, Signal]) -> None:
+        """Give back the destinations' slots, each learning from its transactions' replies."""
+        now = time.monotonic()
+        for name in entry.dests:
+            dest = self._destination(name)
+            if dest.finish(signals.get(name, Signal(NEUTRAL)), now, self.cfg.throttle):
+                logs.event(
+                    "throttle_changed", destination=name, throttle_level=dest.level,
+                    connections=dest.connections(),
+                    interval=round(dest.interval(self.cfg.throttle), 3),
+                    suspended_for=round(max(0.0, dest.suspended_until - now), 3),
+                    reply=dest.last_reply,
+                )  # fmt: skip
+        entry.routes = ()
 
     async def _load_for_attempt(self, entry: Entry) -> Message | None:
         try:
@@ -332,23 +513,35 @@ class Scheduler:
             self._drop(entry.id)  # deleted behind our back
         return None
 
-    async def _deliver_all(self, msg: Message) -> None:
-        """One transaction per recipient domain, all of that domain's recipients in it."""
+    async def _deliver_all(
+        self, msg: Message, routes: dict[str, str], signals: dict[str, Signal]
+    ) -> None:
+        """One transaction per recipient domain with all of that domain's recipients; the
+        domains of one destination one after another (the message holds one of its slots)."""
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
         for rcpt in msg.pending():
             by_domain[rcpt.domain].append(rcpt)
+        by_dest: dict[str, list[str]] = defaultdict(list)
+        for domain in by_domain:
+            by_dest[routes.get(domain, domain)].append(domain)
         lock = asyncio.Lock()
-        await asyncio.gather(
-            *(self._transaction(msg, domain, rcpts, lock) for domain, rcpts in by_domain.items())
-        )
+
+        async def one_destination(dest: str, domains: list[str]) -> None:
+            outcomes = [
+                await self._transaction(msg, domain, by_domain[domain], lock, dest)
+                for domain in domains
+            ]
+            signals[dest] = combine(outcomes)
+
+        await asyncio.gather(*(one_destination(d, ds) for d, ds in by_dest.items()))
 
     async def _transaction(
-        self, msg: Message, domain: str, rcpts: list[Recipient], lock: asyncio.Lock
-    ) -> None:
+        self, msg: Message, domain: str, rcpts: list[Recipient], lock: asyncio.Lock, dest: str
+    ) -> Signal:
         async with self.transactions:
             logs.event("attempt", id=msg.id, domain=domain, rcpts=[r.address for r in rcpts])
             started = time.time()
-            provider, results = await self._results(msg, domain, rcpts)
+            provider, results = await self._results(msg, domain, rcpts, dest)
             metrics.DURATION.observe(time.time() - started)
         async with lock:
             for rcpt, result in zip(rcpts, results, strict=True):
@@ -358,14 +551,18 @@ class Scheduler:
             failed = [r for r in rcpts if r.status == "failed"]
             if failed:
                 await self._dead_letter(msg, failed, "permanent")
+        outcome = signal((r.reply for r in results), self.cfg.throttle)
+        if outcome.kind == THROTTLE:
+            metrics.THROTTLE_EVENTS.labels(provider).inc()
+        return outcome
 
     async def _results(
-        self, msg: Message, domain: str, rcpts: list[Recipient]
+        self, msg: Message, domain: str, rcpts: list[Recipient], dest: str
     ) -> tuple[str, list[RecipientResult]]:
         """The provider of the domain's first MX (for metrics) and a result per recipient."""
         addresses = [r.address for r in rcpts]
         try:
-            route = await self.resolver.route(domain)
+            route = await self.router.route(domain)
         except ResolveError as exc:
             return metrics.OTHER_PROVIDER, [
                 RecipientResult(a, exc.reply, None, None, False) for a in addresses
@@ -420,6 +617,7 @@ class Scheduler:
             next_attempt=round(msg.next_attempt, 3), rcpts=[r.address for r in pending],
         )  # fmt: skip
         self._change(entry, attempts=msg.attempts, last_attempt=now)
+        entry.domains = pending_domains(msg)
         self.schedule(entry, msg.next_attempt)
 
     async def _expire(self, entry: Entry, msg: Message, pending: list[Recipient]) -> None:
@@ -439,6 +637,55 @@ class Scheduler:
         """Drop a finished message from the queue and the index."""
         await asyncio.to_thread(self.spool.remove, entry.id)
         self._drop(entry.id)
+
+    # --- what the queue waits for (called by the control server) --------------------------------
+
+    def reasons(self) -> dict[str, list[Any]]:
+        """Per queued message: [reason, expected attempt (UTC epoch) or None, detail or None];
+        reasons are active, held, queued, scheduled, quota, deferred, throttled, suspended."""
+        now, wall_now = time.monotonic(), time.time()
+        out: dict[str, list[Any]] = {}
+        for msg_id, entry in self.index.items():
+            reason, at, detail = self._reason(entry, now)
+            out[msg_id] = [reason, None if at is None else round(wall_now + at - now, 3), detail]
+        return out
+
+    def _reason(self, entry: Entry, now: float) -> tuple[str, float | None, str | None]:
+        if entry.running:
+            return "active", now, None
+        if entry.held:
+            return "held", None, None
+        if not entry.ready:
+            return entry.state, entry.due, None
+        dests = [self._destination(name) for name in entry.dests]
+        if not dests:
+            return "queued", now, None  # its MX is being looked up
+        dest = max(dests, key=lambda d: (d.suspended_until, d.opens_at(now), d.level))
+        reason = self._waits_for(dest, now)
+        opens = dest.opens_at(now)
+        at = opens if opens != float("inf") else max(now, dest.next_slot)
+        return reason, at, None if reason == "queued" else describe(dest, self.cfg, now)
+
+    def destination_report(self) -> list[dict[str, Any]]:
+        """Destinations that are busy, throttled, suspended or have mail waiting (summary)."""
+        now, wall_now = time.monotonic(), time.time()
+        waiting = dict(self.ready.waiting())
+        rows = []
+        for name, dest in sorted(self.destinations.items()):
+            if dest.idle(now) and not waiting.get(name):
+                continue
+            interval = dest.interval(self.cfg.throttle)
+            rows.append({
+                "destination": name, "state": self._waits_for(dest, now), "busy": dest.busy,
+                "connections": dest.connections(), "limit": dest.limits.connections,
+                "rate": round(1 / interval, 3) if interval else None, "level": dest.level,
+                "waiting": waiting.get(name, 0),
+                "suspended_until": (
+                    round(wall_now + dest.suspended_until - now, 3) if dest.suspended(now) else None
+                ),
+                "last_reply": None if dest.last_reply is None else str(dest.last_reply),
+            })  # fmt: skip
+        return rows
 
     # --- operator actions on the live queue (called by the control server) -------------------
 
@@ -481,6 +728,7 @@ class Scheduler:
         attempt starts from (or overwrites) a state the action is rewriting."""
         entry = self.index.get(msg_id)
         if entry is not None:
+            self._unready(entry)
             self._change(entry, running=True)
         try:
             yield
@@ -495,7 +743,10 @@ class Scheduler:
         if entry is None:
             self._index(msg)
             return
-        self._change(entry, held=msg.held)
+        self._change(
+            entry, held=msg.held, quota=bool(msg.quota_until and msg.quota_until > time.time())
+        )
+        entry.domains = pending_domains(msg)
         if not msg.held:
             self.schedule(entry, msg.next_attempt)
 
@@ -523,3 +774,18 @@ class Scheduler:
             self._index(msg)
         logs.event("requeued", id=msg_id)
         return "done"
+
+
+def pending_domains(msg: Message) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(r.domain for r in msg.pending()))
+
+
+def describe(dest: Destination, cfg: Config, now: float) -> str:
+    """One line on why a destination holds mail back."""
+    if dest.suspended(now):
+        what = f"{dest.name} suspended for {dest.suspended_until - now:.0f}s"
+    elif dest.level:
+        what = f"{dest.name} throttled (level {dest.level}, {dest.connections()} connections)"
+    else:
+        what = f"{dest.name} at its limit ({dest.limits.connections} connections)"
+    return what if dest.last_reply is None else f"{what} after: {dest.last_reply}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from relay.spool import Message
@@ -88,3 +89,34 @@ def render(summary: Summary) -> str:
 
 def _row(domain: str, counts: list[int]) -> Row:
     return Row(domain, sum(counts), tuple(counts))
+
+
+DESTINATION_COLUMNS = (
+    ("destination", "Destination"), ("state", "State"), ("busy", "Busy"),
+    ("connections", "Conns"), ("limit", "Limit"), ("rate", "Rate/s"), ("level", "Level"),
+    ("waiting", "Waiting"), ("suspended_until", "Suspended until"), ("last_reply", "Last reply"),
+)  # fmt: skip
+
+
+def render_destinations(rows: list[dict[str, Any]]) -> str:
+    """The running scheduler's destinations as a table: connections in use and allowed now
+    (the limit halved per throttle level), rate, waiting mail, suspension, the last throttle
+    reply."""
+    cells = [[title for _, title in DESTINATION_COLUMNS]]
+    for row in rows:
+        cells.append(
+            ["-" if row[key] is None else _cell(key, row[key]) for key, _ in DESTINATION_COLUMNS]
+        )
+    widths = [max(len(line[i]) for line in cells) for i in range(len(DESTINATION_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in cells
+    )
+
+
+def _cell(key: str, value: Any) -> str:
+    if key == "suspended_until":
+        return (
+            datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        )
+    return str(value)
