@@ -15,7 +15,7 @@ EVENTS = frozenset(
     {
         # mail flow
         "received", "rejected", "attempt", "delivered", "deferred", "failed", "expired",
-        "retry_scheduled", "dead_lettered",
+        "retry_scheduled", "dead_lettered", "quota_held",
         # operator actions
         "requeued", "deleted", "flushed", "held", "released", "reloaded", "reload_failed",
         # access
