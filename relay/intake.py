@@ -1,5 +1,5 @@
-"""Intake stage: relay policy and limits, AUTH decisions, the Received: header, and the durable
-write that comes before `250 queued as <id>`."""
+"""Intake stage: relay policy and limits, AUTH decisions, priority lanes and sending quotas, the
+Received: header, and the durable write that comes before `250 queued as <id>`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from relay import directives, dkim, logs, metrics, users
+from relay import directives, dkim, logs, metrics, quota, users
 from relay.config import Config, ConfigError, why
 from relay.guard import REPLY_BANNED, Guard, client_address
 from relay.resolver import address_literal
@@ -42,6 +42,7 @@ REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
 REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 REPLY_LOCAL_ERROR = "451 4.3.0 Error: queue file write error, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+REPLY_QUOTA_ERROR = "451 4.3.0 Error: sending quota ledger unavailable, try again later"
 # A well-formed hash that matches nothing, checked for unknown users so that failing with an
 # unknown name takes as long as failing with a wrong password.
 DUMMY_HASH = users.hash_password("relay-dummy-password")
@@ -83,6 +84,7 @@ class IntakeHandler:
         self.guard = Guard(cfg)
         self.users: dict[str, users.User] = {}
         self.users_stamp: tuple[float, int] | None = None
+        self.ledger = quota.Ledger(spool.run_path("quota.json"))
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -235,14 +237,37 @@ class IntakeHandler:
         if refusal:
             return refusal
         try:
-            content, asked = directives.extract(content)
+            content, asked = directives.extract(content, priority=self.cfg.lanes.header)
         except directives.DirectiveError as exc:
             return self.reject("bad_directive", str(exc), session)
         msg = self._message(session, envelope, len(content))
         if asked.send_at is not None and asked.send_at > msg.queued_at:
             msg.send_at = msg.next_attempt = asked.send_at
         assert isinstance(server, RelaySMTP)
+        msg.lane = asked.priority or self._lane(session, server.kind)
+        quotas = self._quotas(session, msg.sender)
+        place, refusal = await self._reserve(msg, quotas, session)
+        if refusal:
+            return refusal
         header = received_header(self.cfg.smtp.hostname, server, session, envelope, msg.id)
+        if not await self._store(msg, header, content):
+            await self._release(quotas, place)
+            return REPLY_LOCAL_ERROR
+        self.notify(msg.id)
+        metrics.RECEIVED.inc()
+        metrics.INTAKE_SECONDS.observe(time.monotonic() - started)
+        logs.event(
+            "received", id=msg.id, sender=msg.sender, rcpts=envelope.rcpt_tos,
+            size=msg.size, client=peer_ip(session), user=session.auth_data, send_at=msg.send_at,
+            lane=msg.lane, quota_until=msg.quota_until,
+        )  # fmt: skip
+        if msg.quota_until is not None:
+            metrics.QUOTA_HELD.labels("held").inc()
+            logs.event("quota_held", id=msg.id, until=msg.quota_until, quota=quota.describe(place))
+        return REPLY_QUEUED.format(msg.id)
+
+    async def _store(self, msg: Message, header: bytes, content: bytes) -> bool:
+        """Sign the message and write it durably; False (logged and counted) if that failed."""
         try:
             # DKIM signs what leaves; our Received: is not among the signed fields.
             if self.signer is not None:
@@ -252,15 +277,74 @@ class IntakeHandler:
         except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
             logs.failure("intake", exc, id=msg.id)
             metrics.REJECTED.labels("local_error").inc()
-            return REPLY_LOCAL_ERROR
-        self.notify(msg.id)
-        metrics.RECEIVED.inc()
-        metrics.INTAKE_SECONDS.observe(time.monotonic() - started)
-        logs.event(
-            "received", id=msg.id, sender=msg.sender, rcpts=envelope.rcpt_tos,
-            size=msg.size, client=peer_ip(session), user=session.auth_data, send_at=msg.send_at,
-        )  # fmt: skip
-        return REPLY_QUEUED.format(msg.id)
+            return False
+        return True
+
+    # --- lanes and quotas --------------------------------------------------------------------
+
+    def _lane(self, session: Session, kind: str) -> str:
+        """The lane of the session's AUTH user, else of its listener, else normal (an
+        X-Relay-Priority the message carries comes before both)."""
+        lanes = self.cfg.lanes
+        user = str(session.auth_data) if session.authenticated else None
+        by_user = dict(lanes.users)
+        if user in by_user:
+            return by_user[user]
+        return dict(lanes.listeners).get(kind, "normal")
+
+    def _quotas(self, session: Session, sender: str) -> dict[str, tuple[quota.Window, ...]]:
+        """The quotas a message counts against: its AUTH user's and its sender domain's (the
+        names in the configuration are lowercase)."""
+        quotas = self.cfg.quotas
+        found: dict[str, tuple[quota.Window, ...]] = {}
+        user = str(session.auth_data).lower() if session.authenticated else None
+        users_quotas = dict(quotas.users)
+        if user in users_quotas:
+            found[f"user:{user}"] = users_quotas[user]
+        domain = sender.rpartition("@")[2].lower() if sender else None
+        domain_quotas = dict(quotas.sender_domains)
+        if domain in domain_quotas:
+            found[f"domain:{domain}"] = domain_quotas[domain]
+        return found
+
+    async def _reserve(
+        self, msg: Message, quotas: quota.Quotas, session: Session
+    ) -> tuple[quota.Decision, str | None]:
+        """Count the message in its quotas' windows at max(now, send_at), holding it until a
+        window with room (hold) or refusing it with 452 (refuse); a refusal reply or None.
+
+        It is counted before the durable write so that concurrent intake processes see it at
+        once; a failed write takes the count back (best effort, _release)."""
+        t = max(msg.queued_at, msg.send_at or 0.0)
+        if not quotas:
+            return quota.Decision(t, False), None
+        hold = self.cfg.quotas.action == "hold"
+        try:
+            decision = await asyncio.to_thread(self.ledger.reserve, quotas, t, hold=hold)
+        except Exception as exc:  # the ledger file itself: 4xx, never 5xx (invariant 2)
+            logs.failure("intake", exc, action="quota_ledger", id=msg.id)
+            metrics.REJECTED.labels("local_error").inc()
+            return quota.Decision(t, False), REPLY_QUOTA_ERROR
+        if not decision.counted:
+            metrics.QUOTA_HELD.labels("refused").inc()
+            reply = quota.refusal(decision)
+            return decision, self.reject(
+                "over_quota", reply, session, quota=quota.describe(decision)
+            )
+        if decision.at > t:
+            msg.quota_until = decision.at
+            msg.next_attempt = max(msg.next_attempt, decision.at)
+        return decision, None
+
+    async def _release(self, quotas: quota.Quotas, place: quota.Decision) -> None:
+        """Take back the count of a message that was not accepted after all (best effort: a
+        failure leaves one message too many counted in its window)."""
+        if not place.counted:
+            return
+        try:
+            await asyncio.to_thread(self.ledger.release, quotas, place.at)
+        except Exception as exc:
+            logs.failure("intake", exc, action="quota_release")
 
     def _content_problem(self, content: bytes, session: Session) -> str | None:
         """Refusals decided on the message itself, or None."""

@@ -15,7 +15,7 @@ EVENTS = frozenset(
     {
         # mail flow
         "received", "rejected", "attempt", "delivered", "deferred", "failed", "expired",
-        "retry_scheduled", "dead_lettered", "throttle_changed",
+        "retry_scheduled", "dead_lettered", "quota_held", "throttle_changed",
         # operator actions
         "requeued", "deleted", "flushed", "held", "released", "reloaded", "reload_failed",
         # access

@@ -58,3 +58,62 @@ def test_extract_removes_only_the_directive(
 def test_two_send_times_are_refused() -> None:
     with pytest.raises(DirectiveError, match="More than one X-Relay-Send-At"):
         extract(b"X-Relay-Send-At: 1\r\nX-Relay-Send-At: 2\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("message", "kept", "priority"),
+    [
+        (b"X-Relay-Priority: high\r\nSubject: a\r\n\r\nb\r\n", b"Subject: a\r\n\r\nb\r\n",
+         "high"),
+        (b"Subject: a\r\nx-relay-priority:  LOW \r\n\r\nb\r\n", b"Subject: a\r\n\r\nb\r\n", "low"),
+        (b"X-Relay-Priority:\r\n\tNormal\r\n\r\nb\r\n", b"\r\nb\r\n", "normal"),
+        (b"Subject: a\r\n\r\nX-Relay-Priority: high\r\n",  # in the body: stays
+         b"Subject: a\r\n\r\nX-Relay-Priority: high\r\n", None),
+    ],
+)  # fmt: skip
+def test_priority_is_read_and_removed(message: bytes, kept: bytes, priority: str | None) -> None:
+    content, asked = extract(message)
+    assert (content, asked.priority, asked.send_at) == (kept, priority, None)
+
+
+def test_priority_and_send_time_together() -> None:
+    content, asked = extract(
+        b"X-Relay-Send-At: 1795338000\r\nX-Relay-Priority: low\r\nTo: b\r\n\r\nhi\r\n"
+    )
+    assert (content, asked.send_at, asked.priority) == (b"To: b\r\n\r\nhi\r\n", 1795338000.0, "low")
+
+
+@pytest.mark.parametrize(
+    ("message", "reply"),
+    [
+        (
+            b"X-Relay-Priority: urgent\r\n\r\n",
+            "550 5.6.0 X-Relay-Priority: 'urgent' is not a priority (use high, normal, low)",
+        ),
+        (
+            b"X-Relay-Priority:\r\n\r\n",
+            "550 5.6.0 X-Relay-Priority: '' is not a priority (use high, normal, low)",
+        ),
+        (
+            b"X-Relay-Priority: high\r\nX-Relay-Priority: low\r\n\r\n",
+            "550 5.6.0 More than one X-Relay-Priority header field",
+        ),
+    ],
+)
+def test_bad_priority_is_a_5xx_naming_the_header(message: bytes, reply: str) -> None:
+    with pytest.raises(DirectiveError) as info:
+        extract(message)
+    assert str(info.value) == reply
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        b"X-Relay-Priority: high\r\nSubject: a\r\n\r\nb\r\n",
+        b"X-Relay-Priority: urgent\r\nSubject: a\r\n\r\nb\r\n",
+        b"X-Relay-Priority: high\r\nX-Relay-Priority: low\r\nSubject: a\r\n\r\nb\r\n",
+    ],
+)
+def test_priority_off_is_removed_and_ignored(message: bytes) -> None:
+    content, asked = extract(message, priority=False)
+    assert (content, asked.priority) == (b"Subject: a\r\n\r\nb\r\n", None)
