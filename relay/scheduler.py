@@ -402,8 +402,7 @@ class Scheduler:
         for state in metrics.QUEUE_STATES:
             metrics.QUEUE.labels(state).set(counts[state])
         for name, dest in list(self.destinations.items()):
-            if dest.level or dest.suspended_until or name in self.shown:
-                self.shown.add(name)
+            if name in self.shown:
                 metrics.THROTTLE_LEVEL.labels(name).set(dest.level)
                 metrics.SUSPENDED.labels(name).set(dest.suspended(now))
             if dest.idle(now) and name not in self.shown:
@@ -494,6 +493,7 @@ class Scheduler:
         for name in entry.dests:
             dest = self._destination(name)
             if dest.finish(signals.get(name, Signal(NEUTRAL)), now, self.cfg.throttle):
+                self.shown.add(name)  # its gauges from now on, back to 0 included
                 logs.event(
                     "throttle_changed", destination=name, throttle_level=dest.level,
                     connections=dest.connections(),
