@@ -326,6 +326,11 @@ def _inconsistency(cfg: Config) -> str | None:
         return "smtp.submission/smtps require AUTH: set smtp.auth.users_file"
     if (cfg.smtp.submission or cfg.smtp.smtps) and tls.cert is None:
         return "smtp.submission/smtps need TLS (RFC 8314): set smtp.tls.cert and smtp.tls.key"
+    providers = {"default", *cfg.provider_names()}
+    for name, _ in cfg.destinations:
+        if "." not in name and name not in providers:
+            known = ", ".join(sorted(providers))
+            return f"destinations: {name}: not a domain nor a provider (known: {known})"
     ca_file = cfg.delivery.tls.ca_file
     if ca_file is not None:
         try:

@@ -38,6 +38,11 @@ def test_example_config_is_the_defaults_except_spool_path() -> None:
     assert example.lifecycle == defaults.lifecycle
     assert example.providers == defaults.providers
     assert example.dkim == defaults.dkim
+    assert example.lanes == defaults.lanes
+    assert example.destinations == defaults.destinations
+    assert example.throttle == defaults.throttle
+    assert example.quotas == defaults.quotas
+    assert example.routes == defaults.routes
     assert example.spool.path == Path("var/spool").absolute()
     assert defaults.spool.path == Path("/var/spool/relay")
 
@@ -91,6 +96,25 @@ metrics: {listen: "127.0.0.1:9100"}
         ("delivery: 5", "delivery: expected a mapping of keys"),
         ("- a\n- b", "top level: expected a mapping of keys"),
         ("smtp: {listen: [", "line"),
+        ("lanes: {low_share: 0}", "lanes.low_share: 0 is not a share above 0 and at most 0.5"),
+        ("lanes: {users: {alice: urgent}}", "lanes.users: alice: 'urgent' is not one of high, normal, low"),
+        ("lanes: {listeners: {port25: high}}", "lanes.listeners: port25: 'port25' is not one of relay, submission, smtps"),
+        ("destinations: {a.test: {rate: fast}}", "destinations: a.test: 'fast' is not a rate (use 10/s, 600/min, 5000/h or 0)"),
+        ("destinations: {a.test: {connections: 0}}", "destinations: a.test: 0 must be at least 1"),
+        ("destinations: {a.test: {conns: 2}}", "destinations: a.test: conns: unknown key (known: connections, rate)"),
+        ("destinations: {'bad name!': {rate: 0}}", "destinations: bad name!: not a provider name or a domain"),
+        ("throttle: {patterns: ['(']}", "throttle.patterns: '(' is not a regular expression"),
+        ("throttle: {suspend: [{pattern: TS03}]}", "throttle.suspend: [0] {'pattern': 'TS03'} needs exactly pattern and for"),
+        ("quotas: {users: {alice: {weekly: 5}}}", "quotas.users: alice: weekly: not hourly, daily or a duration of 1s or more"),
+        ("quotas: {users: {alice: {hourly: 0}}}", "quotas.users: alice: hourly: 0 must be at least 1"),
+        ("quotas: {action: drop}", "quotas.action: 'drop' is not one of hold, refuse"),
+        ("routes: [{domains: [a.test]}]", "routes: [0] a route needs exactly domains and via"),
+        ("routes: [{domains: [a.test], via: [{port: 25}]}]", "routes: [0] via[0] host: missing"),
+        ("routes: [{domains: [a.test], via: [{host: h.test, username: u}]}]", "routes: [0] via[0] username and password (or password_file) go together"),
+        ("routes: [{domains: [a.test], via: [{host: h.test, tls: maybe}]}]", "'maybe' is not one of starttls, smtps, opportunistic, none"),
+        ("routes: [{domains: [a.test], via: [{host: h.test, password_file: /nonexistent/pw, username: u}]}]", "password_file /nonexistent/pw: cannot read"),
+        ("destinations: {gmial: {connections: 5}}", "destinations: gmial: not a domain nor a provider (known: default, gmail, icloud, outlook, yahoo)"),
+        ("delivery: {reuse: {max_messages: 0}}", "delivery.reuse.max_messages: 0 must be at least 1"),
     ],
 )  # fmt: skip
 def test_errors_name_the_key(text: str, error: str) -> None:
@@ -102,6 +126,48 @@ def test_errors_name_the_key(text: str, error: str) -> None:
 
 def test_empty_file_is_the_defaults() -> None:
     assert parse("") == Config()
+
+
+@pytest.mark.parametrize(
+    ("domain", "mx_host", "destination", "connections", "rate"),
+    [
+        ("a.test", "mx.a.test", "a.test", 2, 0.0),  # its own entry
+        ("b.test", "mx.shared.test", "mx.shared.test", 3, 0.5),  # its MX host's entry
+        ("corp.test", "aspmx.l.google.com", "gmail", 10, 0.0),  # its provider's
+        ("c.test", "mx.c.test", "c.test", 20, 10.0),  # the default, on its own
+        ("[192.0.2.1]", None, "[192.0.2.1]", 20, 10.0),
+    ],
+)
+def test_destination_of_a_domain(
+    domain: str, mx_host: str | None, destination: str, connections: int, rate: float
+) -> None:
+    cfg = parse(
+        "destinations: {a.test: {connections: 2}, mx.shared.test: {connections: 3, rate: 30/min},"
+        " default: {rate: 10/s}}"
+    )
+    assert cfg.destination(domain, mx_host) == destination
+    limits = cfg.limits(destination)
+    assert (limits.connections, limits.rate) == (connections, rate)
+
+
+@pytest.mark.parametrize(
+    ("domain", "via"),
+    [
+        ("a.test", "smart.test"),
+        ("x.b.test", "smart.test"),
+        ("b.test", None),
+        ("c.test", "catch.test"),
+    ],
+)
+def test_the_first_route_that_matches_wins(domain: str, via: str | None) -> None:
+    cfg = parse(
+        "routes:\n"
+        "  - {domains: [a.test, .b.test], via: [{host: smart.test, port: 587}]}\n"
+        "  - {domains: [b.test], via: mx}\n"
+        "  - {domains: ['*'], via: [{host: catch.test, tls: none}]}\n"
+    )
+    rule = cfg.route_rule(domain)
+    assert (rule.via[0].host if rule else None) == via
 
 
 @pytest.mark.parametrize(
