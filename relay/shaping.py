@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from relay.classify import Reply, classify
@@ -141,43 +141,25 @@ class Waiting(Protocol):
     def dests(self) -> tuple[str, ...]: ...
 
 
-@dataclass
-class _Lane:
-    """One destination's ready messages in one lane: fresh and retried, taken in turn."""
-
-    fresh: deque[Waiting] = field(default_factory=deque)
-    retried: deque[Waiting] = field(default_factory=deque)
-    retry_turn: bool = False
-
-    def __len__(self) -> int:
-        return len(self.fresh) + len(self.retried)
-
-    def push(self, item: Waiting, front: bool = False) -> None:
-        queue = self.retried if item.attempts else self.fresh
-        if front:
-            queue.appendleft(item)
-        else:
-            queue.append(item)
-
-    def pop(self) -> Waiting:
-        """Alternate between fresh and retried mail (as Postfix alternates its incoming and
-        deferred queues), so a deferred backlog never delays new mail by more than a turn."""
-        use_retry = bool(self.retried) and (self.retry_turn or not self.fresh)
-        self.retry_turn = not use_retry
-        return (self.retried if use_retry else self.fresh).popleft()
+KINDS = ("fresh", "retried")
 
 
 class Ready:
-    """Due messages waiting to start, by lane and destination.
+    """Due messages waiting to start, by lane, fresh or retried, and destination.
 
     pick() takes high before normal before low, except that low gets `low_share` of the picks
-    while it waits; within a lane, destinations take turns (round robin) and a destination
-    that cannot start now (limit, rate slot, suspension) is passed over.
+    while it waits. Within a lane, fresh and retried mail take turns (as Postfix alternates
+    its incoming and deferred queues), so a deferred backlog, however many destinations it
+    spans, never stands in front of new mail; within each, destinations take turns (round
+    robin) and one that cannot start now (limit, rate slot, suspension) is passed over.
     """
 
     def __init__(self, low_share: float) -> None:
         self.low_share = low_share
-        self.lanes: dict[str, dict[str, _Lane]] = {lane: {} for lane in LANES}
+        self.queues: dict[str, dict[str, dict[str, deque[Waiting]]]] = {
+            lane: {kind: {} for kind in KINDS} for lane in LANES
+        }
+        self.retry_turn = dict.fromkeys(LANES, False)
         self.low_credit = 0.0
         self.count = 0
 
@@ -185,39 +167,37 @@ class Ready:
         return self.count
 
     def push(self, item: Waiting, dest: str, front: bool = False) -> None:
-        lane = self.lanes[item.lane].setdefault(dest, _Lane())
-        lane.push(item, front)
+        queue = self.queues[item.lane][_kind(item)].setdefault(dest, deque())
+        if front:
+            queue.appendleft(item)
+        else:
+            queue.append(item)
         self.count += 1
 
     def waiting(self) -> Iterator[tuple[str, int]]:
         """(destination, messages waiting for it) for every destination with any."""
         totals: dict[str, int] = {}
-        for by_dest in self.lanes.values():
-            for dest, lane in by_dest.items():
-                totals[dest] = totals.get(dest, 0) + len(lane)
+        for by_kind in self.queues.values():
+            for by_dest in by_kind.values():
+                for dest, queue in by_dest.items():
+                    totals[dest] = totals.get(dest, 0) + len(queue)
         return iter(totals.items())
 
-    def items(self, dest: str) -> Iterator[Waiting]:
-        for by_dest in self.lanes.values():
-            lane = by_dest.get(dest)
-            if lane is not None:
-                yield from lane.fresh
-                yield from lane.retried
-
     def remove(self, item: Waiting, dest: str) -> bool:
-        lane = self.lanes[item.lane].get(dest)
-        for queue in () if lane is None else (lane.fresh, lane.retried):
-            if item in queue:
+        for by_dest in self.queues[item.lane].values():
+            queue = by_dest.get(dest)
+            if queue is not None and item in queue:
                 queue.remove(item)
                 self.count -= 1
-                self._prune(item.lane, dest)
+                if not queue:
+                    del by_dest[dest]
                 return True
         return False
 
     def pick(self, can_start: Callable[[str], bool]) -> tuple[Waiting, str] | None:
         """The next message and the destination queue it came from, among destinations that
         can start now; None when none can."""
-        low_waits = bool(self.lanes["low"])
+        low_waits = self._has("low")
         order = ("low", "high", "normal") if low_waits and self.low_credit >= 1 - 1e-9 else LANES
         for lane in order:
             found = self._pick_lane(lane, can_start)
@@ -233,20 +213,33 @@ class Ready:
             return found
         return None
 
+    def _has(self, lane: str) -> bool:
+        return any(self.queues[lane][kind] for kind in KINDS)
+
     def _pick_lane(self, lane: str, can_start: Callable[[str], bool]) -> tuple[Waiting, str] | None:
-        by_dest = self.lanes[lane]
+        kinds = ("retried", "fresh") if self.retry_turn[lane] else KINDS
+        for kind in kinds:
+            found = self._pick_queue(self.queues[lane][kind], can_start)
+            if found is not None:
+                self.retry_turn[lane] = kind == "fresh"
+                return found
+        return None
+
+    def _pick_queue(
+        self, by_dest: dict[str, deque[Waiting]], can_start: Callable[[str], bool]
+    ) -> tuple[Waiting, str] | None:
         for dest in by_dest:
             if not can_start(dest):
                 continue
-            item = by_dest[dest].pop()
-            self.count -= 1
-            # Round robin: this destination goes to the back of the lane's order.
+            # Round robin: this destination goes to the back of the order.
             queue = by_dest.pop(dest)
+            item = queue.popleft()
+            self.count -= 1
             if queue:
                 by_dest[dest] = queue
             return item, dest
         return None
 
-    def _prune(self, lane: str, dest: str) -> None:
-        if not self.lanes[lane].get(dest, True):
-            del self.lanes[lane][dest]
+
+def _kind(item: Waiting) -> str:
+    return "retried" if item.attempts else "fresh"
