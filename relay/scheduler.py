@@ -19,7 +19,7 @@ from relay.classify import Verdict, classify
 from relay.config import Config
 from relay.courier import Courier, RecipientResult
 from relay.queueops import PAST, apply, selects
-from relay.resolver import ResolveError, Resolver
+from relay.resolver import ResolveError, Resolver, Router
 from relay.spool import (
     QUEUE,
     CorruptEntry,
@@ -106,6 +106,7 @@ class Scheduler:
         self.cfg = cfg
         self.spool = spool
         self.resolver = Resolver(cfg.delivery.dns)
+        self.router = Router(cfg, self.resolver)
         self.courier = Courier(cfg.delivery)
         self.rng = rng or random.Random()
         self.heartbeat = heartbeat
@@ -286,6 +287,7 @@ class Scheduler:
             self.courier = Courier(cfg.delivery)
         if cfg.delivery.dns != old.delivery.dns:
             self.resolver = Resolver(cfg.delivery.dns)
+        self.router = Router(cfg, self.resolver)
         await self.transactions.resize(cfg.delivery.concurrency)
         if cfg.delivery.retry != old.delivery.retry:
             self._reschedule_waiting()
@@ -365,7 +367,7 @@ class Scheduler:
         """The provider of the domain's first MX (for metrics) and a result per recipient."""
         addresses = [r.address for r in rcpts]
         try:
-            route = await self.resolver.route(domain)
+            route = await self.router.route(domain)
         except ResolveError as exc:
             return metrics.OTHER_PROVIDER, [
                 RecipientResult(a, exc.reply, None, None, False) for a in addresses
