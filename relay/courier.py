@@ -1,11 +1,12 @@
 """Courier stage: one outbound SMTP transaction that offers one message to one recipient domain
-under that domain's TLS policy and reports a reply per recipient; retries and backoff belong to
-the scheduler."""
+under that domain's TLS policy (or through its smarthosts) and reports a reply per recipient,
+reusing idle connections; retries and backoff belong to the scheduler."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -14,6 +15,8 @@ from typing import BinaryIO
 
 from aiosmtplib import (
     SMTP,
+    SMTPConnectError,
+    SMTPConnectTimeoutError,
     SMTPException,
     SMTPHeloError,
     SMTPRecipientRefused,
@@ -25,8 +28,10 @@ from aiosmtplib.protocol import SMTPProtocol
 from relay import metrics
 from relay.classify import Reply, Verdict, classify
 from relay.config import DeliveryConfig
-from relay.resolver import Route
-from relay.tlspolicy import OPPORTUNISTIC, VERIFY, Policy, TlsPolicy
+from relay.pool import Connection, Idle, Key, Pool, hang_up, reset
+from relay.resolver import Host, Route
+from relay.shapeconfig import Smarthost
+from relay.tlspolicy import OPPORTUNISTIC, REQUIRED, VERIFY, Policy, TlsPolicy
 
 CHUNK_SIZE = 64 * 1024
 CRLF = b"\r\n"
@@ -34,6 +39,10 @@ CRLF = b"\r\n"
 NO_SMTPUTF8 = Reply(553, "5.6.7", "message needs SMTPUTF8, which the receiving server lacks")
 # A session mode beside the policy modes: no STARTTLS at all (opportunistic's fallback).
 PLAINTEXT = "plaintext"
+# How long an idle session may take to answer RSET before it is given up (Postfix's
+# smtp_rset_timeout), and a QUIT to be answered and the connection closed.
+RSET_TIMEOUT = 20.0
+CLOSE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,16 @@ class RecipientResult:
 
 @dataclass(frozen=True)
 class _Peer:
-    """Where a reply came from: MX host, address, and what TLS the session achieved."""
+    """Where a reply came from: MX host (or smarthost), address, and what TLS the session
+    achieved; and how it is reached: port, and the smarthost's own settings if it is one."""
 
     mx: str | None
     ip: str | None
     tls: bool = False
     verified: bool = False
     report: str | None = None
+    port: int = 0
+    smarthost: Smarthost | None = None
 
     @property
     def where(self) -> str:
@@ -66,6 +78,23 @@ class _Peer:
     def tls_name(self) -> str | None:
         """The name the certificate must carry: the MX host name, or the literal's address."""
         return self.ip if self.mx is None or self.mx.startswith("[") else self.mx
+
+    @property
+    def implicit(self) -> bool:
+        """Whether TLS starts with the connection (smtps, RFC 8314 §3.3), not with STARTTLS."""
+        return self.smarthost is not None and self.smarthost.tls == "smtps"
+
+    @property
+    def login(self) -> tuple[str, str] | None:
+        """A smarthost's AUTH credentials, if it has them."""
+        smarthost = self.smarthost
+        if smarthost is None or smarthost.username is None or smarthost.password is None:
+            return None
+        return smarthost.username, smarthost.password
+
+    @property
+    def key(self) -> Key:
+        return Key(self.mx, self.ip, self.port, self.login)
 
     def noting(self, problem: str) -> _Peer:
         return replace(self, report="; ".join(filter(None, [self.report, problem])))
@@ -78,11 +107,15 @@ class _Peer:
 
 @dataclass(frozen=True)
 class _Message:
+    """The message offered, and the destination its connections are pooled and counted under."""
+
     sender: str
     recipients: tuple[str, ...]
     body: BinaryIO
     size: int
     smtputf8: bool
+    destination: str = ""
+    idle_room: int | None = None  # idle sessions of destination that may stay open; None: any
 
     @property
     def encoding(self) -> str:
@@ -108,13 +141,19 @@ class _TlsFailed(Exception):
         self.reply = reply
 
 
+Try = tuple[_Peer, Policy]  # an address to offer the message to, and the TLS policy there
+
+
 class Courier:
-    """Delivers one message to one domain per deliver() call; it reports, never retries later."""
+    """Delivers one message to one domain per deliver() call; it reports, never retries later.
+    Sessions that end cleanly wait in a pool for the next delivery to the same peer."""
 
     def __init__(self, cfg: DeliveryConfig) -> None:
         self._cfg = cfg
         self._tls = _opportunistic_tls()
         self._policy = TlsPolicy(cfg)
+        self._pool = Pool(cfg.reuse.idle_timeout)
+        self._close_timeout = min(cfg.command_timeout, CLOSE_TIMEOUT)
 
     async def deliver(
         self,
@@ -125,26 +164,97 @@ class Courier:
         *,
         size: int,
         smtputf8: bool = False,
+        destination: str | None = None,
+        idle_room: int | None = None,
     ) -> list[RecipientResult]:
         """Offer the message to route's hosts and addresses in order until one settles it,
-        skipping hosts an enforced MTA-STS policy does not list (RFC 8461 §4.1).
+        skipping MX hosts an enforced MTA-STS policy does not list (RFC 8461 §4.1). An idle
+        session to any of them goes first. Sessions are pooled under destination (None: the
+        route's domain); before a connection is opened, the destination's idle sessions beyond
+        idle_room (None: no limit) are closed, oldest first.
 
         One result per recipient, in input order. Network and protocol trouble is reported,
         never raised; when no address settles it, every recipient gets the last error.
         """
-        policy = await self._policy.for_domain(route.domain)
-        hosts = [host for host in route.hosts if policy.testing or policy.allows(host.name)]
+        policy = await self._domain_policy(route)
+        hosts = [h for h in route.hosts if h.smarthost or policy.testing or policy.allows(h.name)]
         last = _Unsettled(_Peer(None, None), _no_host(route, policy, skipped=not hosts))
+        tries = [(self._peer(h, ip), _host_policy(h, policy)) for h in hosts for ip in h.addresses]
         with body.open("rb") as file:
-            message = _Message(sender, tuple(recipients), file, size, smtputf8)
-            for host in hosts:
-                for ip in host.addresses:
-                    try:
-                        return await self._attempt(_Peer(host.name, ip), message, policy)
-                    except _Unsettled as exc:
-                        last = exc
+            message = _Message(
+                sender, tuple(recipients), file, size, smtputf8,
+                destination or route.domain, idle_room,
+            )  # fmt: skip
+            return await self._offer(tries, message, last)
+
+    def idle(self, destination: str) -> int:
+        """Idle pooled sessions held for destination."""
+        return self._pool.count(destination)
+
+    async def sweep(self) -> None:
+        """QUIT and close the sessions idle for delivery.reuse.idle_timeout or longer."""
+        await hang_up(self._pool.expired(), self._close_timeout)
+
+    async def close(self) -> None:
+        """QUIT and close every idle session (the daemon stops)."""
+        await hang_up(self._pool.drain(), self._close_timeout)
+
+    async def _domain_policy(self, route: Route) -> Policy:
+        """The recipient domain's TLS policy for its MX hosts (configured, MTA-STS or default);
+        not looked up for a route through smarthosts only, whose own settings apply."""
+        if all(host.smarthost is not None for host in route.hosts):
+            return Policy(OPPORTUNISTIC, "smarthost")
+        return await self._policy.for_domain(route.domain)
+
+    def _peer(self, host: Host, ip: str) -> _Peer:
+        smarthost = host.smarthost
+        port = self._cfg.port if smarthost is None else smarthost.port
+        return _Peer(host.name, ip, port=port, smarthost=smarthost)
+
+    async def _offer(
+        self, tries: list[Try], message: _Message, last: _Unsettled
+    ) -> list[RecipientResult]:
+        """An idle session to any address first, in their order; then new connections to
+        addresses whose idle session did not already settle the message in vain."""
+        tried: set[Key] = set()
+        for peer, policy in tries:
+            try:
+                results = await self._reuse(peer, message, policy)
+            except _Unsettled as exc:
+                last = exc
+                tried.add(peer.key)
+                continue
+            if results is not None:
+                return results
+        for peer, policy in tries:
+            if peer.key in tried:
+                continue
+            try:
+                return await self._attempt(peer, message, policy)
+            except _Unsettled as exc:
+                last = exc
         reply = _deferrable(last)
-        return [last.peer.result(recipient, reply) for recipient in recipients]
+        return [last.peer.result(recipient, reply) for recipient in message.recipients]
+
+    async def _reuse(
+        self, peer: _Peer, message: _Message, policy: Policy
+    ) -> list[RecipientResult] | None:
+        """The transaction on an idle session to peer whose TLS satisfies policy; None when
+        there is none. A session that fails RSET is dropped, and that is not a try."""
+
+        def fits(idle: Idle) -> bool:
+            return _satisfies(policy, idle.tls, idle.verified)
+
+        timeout = min(self._cfg.command_timeout, RSET_TIMEOUT)
+        while (idle := self._pool.take(message.destination, peer.key, fits)) is not None:
+            if not await reset(idle.smtp, timeout):
+                continue
+            peer = _reused(replace(peer, tls=idle.tls, verified=idle.verified), policy)
+            try:
+                return await self._carry(idle.smtp, peer, message, idle.uses + 1, "reused")
+            except BaseException as exc:
+                raise _failed(idle.smtp, peer, exc) from None
+        return None
 
     async def _attempt(
         self, peer: _Peer, message: _Message, policy: Policy
@@ -173,9 +283,7 @@ class Courier:
     ) -> list[RecipientResult]:
         """RFC 8461 §5: under a policy in testing mode, try what enforce would demand (a listed
         MX host, a verified certificate); when that fails, note it and deliver as configured."""
-        if not policy.allows(peer.mx or ""):
-            peer = peer.noting(f"MTA-STS testing: {peer.mx} is not an MX host the policy lists")
-            metrics.STS_TESTING_FAILURES.inc()
+        peer = _unlisted(peer, policy)
         enforced = replace(policy, testing=False, mx=())
         if policy.mode == VERIFY:
             return await self._attempt(peer, message, enforced)
@@ -187,30 +295,47 @@ class Courier:
         return await self._attempt(peer, message, enforced)
 
     async def _session(self, peer: _Peer, message: _Message, mode: str) -> list[RecipientResult]:
-        """One connection with mode's TLS; _Unsettled if it fails before the RCPT replies are
-        in, _TlsFailed (before any MAIL) if it cannot have the TLS mode asks for."""
-        smtp = SMTP(
-            hostname=peer.ip,
-            port=self._cfg.port,
-            local_hostname=self._cfg.helo_name,
-            timeout=self._cfg.command_timeout,
-            start_tls=False,
+        """A new connection with mode's TLS, and AUTH for a smarthost with credentials; then
+        the transaction. _Unsettled if it fails before the RCPT replies are in, _TlsFailed
+        (before any MAIL) if it cannot have the TLS mode asks for."""
+        if message.idle_room is not None:
+            evicted = self._pool.evict(message.destination, message.idle_room)
+            await hang_up(evicted, self._close_timeout)
+        smtp = Connection(
+            local_hostname=self._cfg.helo_name, timeout=self._cfg.command_timeout, start_tls=False
         )
         try:
-            await smtp.connect(timeout=self._cfg.connect_timeout)
+            await self._connect(smtp, peer, mode)
             await _hello(smtp)
             peer = await self._secure(smtp, peer, mode)
-            results = await self._transaction(smtp, peer, message)
-            await _quit(smtp)
-            return results
-        except (SMTPException, OSError) as exc:
-            raise _Unsettled(peer, _reply(exc, peer.where)) from None
-        finally:
-            smtp.close()
+            await _login(smtp, peer)
+            return await self._carry(smtp, peer, message, 1, "opened")
+        except BaseException as exc:
+            raise _failed(smtp, peer, exc) from None
+
+    async def _connect(self, smtp: Connection, peer: _Peer, mode: str) -> None:
+        """Connect and read the greeting; for smtps in TLS from the first byte, the certificate
+        checked against the smarthost's name under verify."""
+        timeout = self._cfg.connect_timeout
+        if not peer.implicit:
+            await smtp.connect(hostname=peer.ip, port=peer.port, timeout=timeout)
+            return
+        sock = await _tcp(peer, timeout)
+        try:
+            await smtp.connect(
+                hostname=peer.tls_name, sock=sock, use_tls=True, tls_context=self._context(mode),
+                timeout=timeout,
+            )  # fmt: skip
+        except SMTPConnectError as exc:
+            if isinstance(exc.__cause__, ssl.SSLError):
+                raise _tls_failure(exc.__cause__, peer) from None
+            raise
 
     async def _secure(self, smtp: SMTP, peer: _Peer, mode: str) -> _Peer:
         """STARTTLS as mode asks (RFC 3207), counting the session's TLS outcome once it is
         known; the peer with what was achieved. _TlsFailed when TLS is needed but not had."""
+        if peer.implicit:
+            return _secured(peer, mode)
         offered = smtp.supports_extension("starttls")
         if mode == PLAINTEXT or (mode == OPPORTUNISTIC and not offered):
             metrics.TLS.labels("plaintext").inc()
@@ -219,19 +344,30 @@ class Courier:
             await _quit(smtp)
             text = f"TLS is required, but was not offered by {peer.where}"
             raise _TlsFailed(Reply(None, "4.7.4", text))
-        verify = mode == VERIFY
-        context = self._policy.context if verify else self._tls
         try:
-            await smtp.starttls(server_hostname=peer.tls_name, tls_context=context)
-        except ssl.SSLCertVerificationError as exc:
-            text = f"certificate of {peer.where} not verified: {exc.verify_message}"
-            raise _TlsFailed(Reply(None, "4.7.5", text)) from None
+            await smtp.starttls(server_hostname=peer.tls_name, tls_context=self._context(mode))
         except (SMTPException, OSError) as exc:
-            text = f"TLS handshake with {peer.where} failed: {exc}"
-            raise _TlsFailed(Reply(None, "4.7.5", text)) from None
+            raise _tls_failure(exc, peer) from None
         await _hello(smtp)  # RFC 3207 §4.2: forget what was learnt before TLS
-        metrics.TLS.labels("verified" if verify else "encrypted").inc()
-        return replace(peer, tls=True, verified=verify)
+        return _secured(peer, mode)
+
+    def _context(self, mode: str) -> ssl.SSLContext:
+        """Verify the certificate for the verify mode; else encrypt without checking it."""
+        return self._policy.context if mode == VERIFY else self._tls
+
+    async def _carry(
+        self, smtp: Connection, peer: _Peer, message: _Message, uses: int, kind: str
+    ) -> list[RecipientResult]:
+        """The transaction on an open session, its uses-th; then, if it ended cleanly and may
+        carry more, the session waits in the pool for the next one, else it QUITs."""
+        metrics.CONNECTIONS.labels(kind).inc()
+        results = await self._transaction(smtp, peer, message)
+        clean = smtp.is_connected and all(result.reply.code != 421 for result in results)
+        if clean and uses < self._cfg.reuse.max_messages:
+            self._pool.put(message.destination, Idle(smtp, peer.key, peer.tls, peer.verified, uses))
+        else:
+            await _quit(smtp)
+        return results
 
     async def _transaction(
         self, smtp: SMTP, peer: _Peer, message: _Message
@@ -311,9 +447,44 @@ async def _rcpt(smtp: SMTP, recipient: str, encoding: str) -> Reply:
 
 
 async def _quit(smtp: SMTP) -> None:
-    """QUIT politely (RFC 5321 §4.1.1.10); a server that is already gone is no error."""
+    """QUIT politely (RFC 5321 §4.1.1.10) and close; a server that is already gone is no error."""
     with contextlib.suppress(SMTPException, OSError):
         await smtp.quit()
+    smtp.close()
+
+
+async def _login(smtp: SMTP, peer: _Peer) -> None:
+    """AUTH with a smarthost's credentials (RFC 4954), never in clear unless its tls is none.
+    A refusal is temporary, so the next smarthost is tried and the mail is deferred, never
+    bounced (as Postfix's smtp_sasl_auth_soft_bounce does)."""
+    login = peer.login
+    if login is None:
+        return
+    if not peer.tls and (peer.smarthost is None or peer.smarthost.tls != "none"):
+        text = f"credentials for {peer.where} are never sent without TLS"
+        raise _Unsettled(peer, Reply(None, "4.7.0", text))
+    try:
+        await smtp.login(*login)
+    except SMTPException as exc:
+        text = f"authentication at {peer.where} failed: {_reply(exc)}"
+        raise _Unsettled(peer, Reply(None, "4.7.0", text)) from None
+
+
+async def _tcp(peer: _Peer, timeout: float) -> socket.socket:
+    """A TCP connection to peer's address, for TLS from the first byte under the peer's name."""
+    ip = peer.ip or ""
+    sock = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.get_running_loop().sock_connect(sock, (ip, peer.port))
+    except BaseException as exc:
+        sock.close()
+        if isinstance(exc, TimeoutError):
+            text = f"Timed out connecting to {ip} on port {peer.port}"
+            raise SMTPConnectTimeoutError(text) from None
+        raise
+    return sock
 
 
 async def _stream(protocol: SMTPProtocol, body: BinaryIO) -> bytes:
@@ -349,6 +520,69 @@ def _no_host(route: Route, policy: Policy, *, skipped: bool) -> Reply:
         return Reply(None, None, f"no MX to try for {route.domain}")
     text = f"no MX host of {route.domain} is listed in its MTA-STS policy ({', '.join(policy.mx)})"
     return Reply(None, "4.7.5", text)
+
+
+def _host_policy(host: Host, policy: Policy) -> Policy:
+    """The TLS policy at host: a smarthost's own tls and verify settings (MTA-STS and
+    delivery.tls do not apply to it), else the recipient domain's policy."""
+    smarthost = host.smarthost
+    if smarthost is None:
+        return policy
+    if smarthost.tls in ("starttls", "smtps"):
+        return Policy(VERIFY if smarthost.verify else REQUIRED, "smarthost")
+    return Policy(PLAINTEXT if smarthost.tls == "none" else OPPORTUNISTIC, "smarthost")
+
+
+def _satisfies(policy: Policy, tls: bool, verified: bool) -> bool:
+    """Whether a session with that TLS may carry mail under policy: opportunistic, plain text
+    and testing take any; required takes TLS; verify a verified certificate."""
+    if policy.testing or policy.mode in (OPPORTUNISTIC, PLAINTEXT):
+        return True
+    return verified if policy.mode == VERIFY else tls
+
+
+def _unlisted(peer: _Peer, policy: Policy) -> _Peer:
+    """RFC 8461 §5: note an MX host that an MTA-STS policy in testing mode does not list."""
+    if policy.allows(peer.mx or ""):
+        return peer
+    metrics.STS_TESTING_FAILURES.inc()
+    return peer.noting(f"MTA-STS testing: {peer.mx} is not an MX host the policy lists")
+
+
+def _reused(peer: _Peer, policy: Policy) -> _Peer:
+    """Under a policy in testing mode, note what enforce would refuse of a reused session."""
+    if not policy.testing:
+        return peer
+    peer = _unlisted(peer, policy)
+    if peer.verified:
+        return peer
+    metrics.STS_TESTING_FAILURES.inc()
+    return peer.noting(f"MTA-STS testing: the session to {peer.where} is not verified")
+
+
+def _secured(peer: _Peer, mode: str) -> _Peer:
+    """Count the session's TLS once it is had; the peer with what was achieved."""
+    verify = mode == VERIFY
+    metrics.TLS.labels("verified" if verify else "encrypted").inc()
+    return replace(peer, tls=True, verified=verify)
+
+
+def _tls_failure(exc: BaseException, peer: _Peer) -> _TlsFailed:
+    """A failed TLS handshake with peer: its certificate, or anything else."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        text = f"certificate of {peer.where} not verified: {exc.verify_message}"
+    else:
+        text = f"TLS handshake with {peer.where} failed: {exc}"
+    return _TlsFailed(Reply(None, "4.7.5", text))
+
+
+def _failed(smtp: SMTP, peer: _Peer, exc: BaseException) -> BaseException:
+    """Close smtp after exc; what to raise then: network and protocol trouble as _Unsettled
+    (the next address is tried), anything else as it was."""
+    smtp.close()
+    if isinstance(exc, SMTPException | OSError):
+        return _Unsettled(peer, _reply(exc, peer.where))
+    return exc
 
 
 def _deferrable(unsettled: _Unsettled) -> Reply:

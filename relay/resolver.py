@@ -1,5 +1,6 @@
 """Resolver stage: turns a recipient domain into the ordered MX hosts and addresses to try
-(RFC 5321 §5.1, null MX RFC 7505), behind a query limit and a TTL-bounded cache."""
+(RFC 5321 §5.1, null MX RFC 7505), or into its configured smarthosts, behind a query limit and a
+TTL-bounded cache."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import ipaddress
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -18,7 +20,8 @@ import dns.rdtypes.ANY.MX
 import dns.resolver
 
 from relay.classify import Reply, Verdict, classify
-from relay.config import DnsConfig
+from relay.config import Config, DnsConfig
+from relay.shapeconfig import Smarthost
 
 CACHE_SIZE = 10_000
 # Upper bound for remembering a permanent answer (NXDOMAIN, null MX, no address records).
@@ -30,12 +33,18 @@ class Host:
     name: str  # MX host name; for implicit MX the domain itself; for a literal, the literal
     preference: int
     addresses: tuple[str, ...]  # IPv4 addresses first, then IPv6
+    # A smarthost's transport settings (port, TLS, AUTH) instead of delivery's for MX hosts.
+    smarthost: Smarthost | None = None
 
 
 @dataclass(frozen=True)
 class Route:
     domain: str
     hosts: tuple[Host, ...]  # in the order the courier must try them; never empty
+
+
+# What the cache holds: a domain's route, or the reply that settled it; a host name's addresses.
+Cached = Route | Reply | tuple[str, ...]
 
 
 class ResolveError(Exception):
@@ -58,7 +67,7 @@ class Resolver:
         self._rng = rng or random.Random()
         self._dns = dns_resolver(cfg)
         self._limit = asyncio.Semaphore(cfg.max_queries)
-        self._cache: OrderedDict[str, tuple[float, Route | Reply]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, Cached]] = OrderedDict()
 
     async def route(self, domain: str) -> Route:
         """Where to deliver mail for domain; ResolveError when DNS alone settles the attempt."""
@@ -69,7 +78,7 @@ class Resolver:
         cached = self._cached(domain)
         if isinstance(cached, Reply):
             raise ResolveError(cached)
-        if cached is not None:
+        if isinstance(cached, Route):
             return cached
         started = time.monotonic()
         try:
@@ -80,6 +89,40 @@ class Resolver:
             raise
         self._remember(domain, route, started, ttl)
         return route
+
+    async def smarthosts(self, domain: str, via: Sequence[Smarthost]) -> Route:
+        """The route for domain through via's smarthosts, in order: an address is used as it is,
+        a name's A/AAAA addresses are looked up; a smarthost without any address now is skipped,
+        and when none is left the attempt fails temporarily (ResolveError)."""
+        found = await asyncio.gather(*(self._smarthost(n, host) for n, host in enumerate(via)))
+        hosts = tuple(host for host in found if host is not None)
+        if not hosts:
+            names = ", ".join(smarthost.host for smarthost in via)
+            text = f"no address for any smarthost of {domain} ({names})"
+            raise ResolveError(Reply(451, "4.4.4", text))
+        return Route(domain, hosts)
+
+    async def _smarthost(self, index: int, smarthost: Smarthost) -> Host | None:
+        try:
+            addresses: tuple[str, ...] = (str(ipaddress.ip_address(smarthost.host)),)
+        except ValueError:
+            addresses = await self._host_addresses(smarthost.host.lower().rstrip("."))
+        return Host(smarthost.host, index, addresses, smarthost) if addresses else None
+
+    async def _host_addresses(self, name: str) -> tuple[str, ...]:
+        """name's addresses, cached for their TTL; none when it has none or the lookup fails."""
+        key = f"{name} A/AAAA"  # a space never occurs in a domain, the other keys
+        cached = self._cached(key)
+        if isinstance(cached, tuple):
+            return cached
+        started = time.monotonic()
+        try:
+            addresses, ttl = await self._addresses(_name(name))
+        except (dns.exception.DNSException, ResolveError):
+            return ()
+        if addresses:
+            self._remember(key, addresses, started, ttl)
+        return addresses
 
     async def _resolve(self, domain: str) -> tuple[Route, float]:
         """The route for domain and the shortest TTL among the records it was built from."""
@@ -145,7 +188,7 @@ class Resolver:
         async with self._limit:
             return await self._dns.resolve(name, rdtype, raise_on_no_answer=False)
 
-    def _cached(self, domain: str) -> Route | Reply | None:
+    def _cached(self, domain: str) -> Cached | None:
         entry = self._cache.get(domain)
         if entry is None:
             return None
@@ -155,7 +198,7 @@ class Resolver:
             return None
         return value
 
-    def _remember(self, domain: str, value: Route | Reply, started: float, ttl: float) -> None:
+    def _remember(self, domain: str, value: Cached, started: float, ttl: float) -> None:
         """Cache value for ttl (at most max_cache_ttl) counted from when its queries started."""
         ttl = min(ttl, self._cfg.max_cache_ttl)
         if ttl <= 0:
@@ -164,6 +207,23 @@ class Resolver:
         self._cache[domain] = (started + ttl, value)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
+
+
+class Router:
+    """Where mail for a recipient domain goes: through the smarthosts of the first route rule
+    that matches it, else to the domain's MX hosts."""
+
+    def __init__(self, cfg: Config, resolver: Resolver) -> None:
+        self._cfg = cfg
+        self._resolver = resolver
+
+    async def route(self, domain: str) -> Route:
+        """The route for domain; ResolveError when DNS alone settles the attempt."""
+        name = domain.strip().rstrip(".").lower()
+        rule = self._cfg.route_rule(name)
+        if rule is None:
+            return await self._resolver.route(domain)  # as it was given: a literal keeps its case
+        return await self._resolver.smarthosts(name, rule.via)
 
 
 def dns_resolver(cfg: DnsConfig) -> dns.asyncresolver.Resolver:

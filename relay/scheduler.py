@@ -19,7 +19,7 @@ from relay.classify import Verdict, classify
 from relay.config import Config
 from relay.courier import Courier, RecipientResult
 from relay.queueops import PAST, apply, selects
-from relay.resolver import ResolveError, Resolver
+from relay.resolver import ResolveError, Resolver, Router
 from relay.shapeconfig import LANES
 from relay.shaping import NEUTRAL, THROTTLE, Destination, Ready, Signal, combine, signal
 from relay.spool import (
@@ -126,6 +126,7 @@ class Scheduler:
         self.cfg = cfg
         self.spool = spool
         self.resolver = Resolver(cfg.delivery.dns)
+        self.router = Router(cfg, self.resolver)
         self.courier = Courier(cfg.delivery)
         self.rng = rng or random.Random()
         self.heartbeat = heartbeat
@@ -136,7 +137,6 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.active = 0  # messages in flight; at most delivery.concurrency
         self.transactions = Limiter(cfg.delivery.concurrency)
-        self.router = self.resolver
         self.ready = Ready(cfg.lanes.low_share)
         self.destinations: dict[str, Destination] = {}
         self.dest_cache: dict[str, tuple[str, float]] = {}  # domain: (destination, expiry)
@@ -383,6 +383,7 @@ class Scheduler:
         """Refresh the gauges, close idle connections past their time, tell the supervisor
         we are alive."""
         self._gauges(time.monotonic())
+        self._spawn(self.courier.sweep())
         while self.ages and self.ages[0][1] not in self.index:
             heapq.heappop(self.ages)  # lazily forget messages that left the queue
         oldest = time.time() - self.ages[0][0] if self.ages else 0.0
@@ -421,7 +422,9 @@ class Scheduler:
         self.wake.set()
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
-        return await self.cut()
+        cut = await self.cut()
+        await self.courier.close()
+        return cut
 
     async def cut(self) -> int:
         """Cancel every attempt in flight now (a second SIGTERM, or the grace period's end)."""
@@ -436,11 +439,12 @@ class Scheduler:
         """Apply a reloaded configuration to everything that is not in flight (SIGHUP)."""
         old, self.cfg = self.cfg, cfg
         if cfg.delivery != old.delivery:
-            self.courier = Courier(cfg.delivery)
+            retired, self.courier = self.courier, Courier(cfg.delivery)
+            self._spawn(retired.close())  # its idle connections; busy ones end with their task
         if cfg.delivery.dns != old.delivery.dns:
             self.resolver = Resolver(cfg.delivery.dns)
+        self.router = Router(cfg, self.resolver)
         await self.transactions.resize(cfg.delivery.concurrency)
-        self.router = self.resolver
         self.ready.low_share = cfg.lanes.low_share
         for name, dest in self.destinations.items():
             dest.limits = cfg.limits(name)
@@ -567,6 +571,7 @@ class Scheduler:
             return metrics.OTHER_PROVIDER, [
                 RecipientResult(a, exc.reply, None, None, False) for a in addresses
             ]
+        limit = self._destination(dest)
         results = await self.courier.deliver(
             route,
             msg.sender,
@@ -574,6 +579,8 @@ class Scheduler:
             self.spool.content_path(msg.id),
             size=msg.size,
             smtputf8=msg.smtputf8,
+            destination=dest,
+            idle_room=max(0, limit.connections() - limit.busy),
         )
         return self.cfg.provider(route.hosts[0].name), results
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from relay.classify import Verdict, classify
 from relay.config import DeliveryConfig, DnsConfig, MtaStsConfig, OutboundTlsConfig
 from relay.courier import CHUNK_SIZE, Courier, RecipientResult, dot_stuff
 from relay.resolver import Host, Route
+from relay.shapeconfig import Smarthost
 from tests.support.dns import DnsServer
 from tests.support.mx import DROP, HANG, MxNet, MxSink
 from tests.support.sts import Authority, PolicyServer, policy, policy_host
@@ -85,9 +87,17 @@ def deliver(
     smtputf8: bool = False,
     **options: Any,
 ) -> list[RecipientResult]:
-    courier = Courier(config(net, **options))
-    size = body.stat().st_size
-    return asyncio.run(courier.deliver(to, sender, recipients, body, size=size, smtputf8=smtputf8))
+    """One delivery by a fresh courier, which then closes its idle connections."""
+
+    async def run() -> list[RecipientResult]:
+        courier = Courier(config(net, **options))
+        size = body.stat().st_size
+        try:
+            return await courier.deliver(to, sender, recipients, body, size=size, smtputf8=smtputf8)
+        finally:
+            await courier.close()
+
+    return asyncio.run(run())
 
 
 def replies(results: list[RecipientResult]) -> dict[str, str]:
@@ -598,6 +608,7 @@ def send(cfg: DeliveryConfig, to: Route, body: Path, times: int = 1) -> list[Rec
         courier = Courier(cfg)
         for _ in range(times):
             results = await courier.deliver(to, SENDER, [ALICE], body, size=10)
+        await courier.close()
         return results
 
     return asyncio.run(run())
@@ -615,7 +626,8 @@ def test_mta_sts_enforce_delivers_to_a_listed_mx_with_a_valid_certificate(
     assert (results[0].reply.code, results[0].tls_verified) == (250, True)
     assert len(sink.wait_for(2)) == 2
     assert sts.count == 1  # the second delivery used the cached policy
-    assert counted(before) == {"verified": 2}
+    assert counted(before) == {"verified": 1}  # and the verified session, once more
+    assert sink.connections == 1
 
 
 def test_mta_sts_enforce_skips_unlisted_mx_hosts(
@@ -748,6 +760,7 @@ def test_session_refused_with_5xx_everywhere_is_deferred_not_bounced(mx: MxNet, 
         async with server:
             courier = Courier(config(mx))
             results = await courier.deliver(route("127.0.0.5"), SENDER, [ALICE], body, size=10)
+            await courier.close()
             await asyncio.wait_for(closed.wait(), 5)
         return results
 
@@ -755,3 +768,183 @@ def test_session_refused_with_5xx_everywhere_is_deferred_not_bounced(mx: MxNet, 
     assert classify(result.reply).verdict is Verdict.TEMPORARY
     assert "refused to talk to me: 554 5.7.1 no SMTP service here" in result.reply.text
     assert result.mx == "mx1.example.test"
+
+
+# --- smarthosts: their own port, TLS and AUTH --------------------------------------------------
+
+USERS = {"app": "secret", "other": "word"}
+
+
+def smarthost(
+    sink: MxSink | str, tls: str = "none", *, user: str | None = None, **options: Any
+) -> Host:
+    """A host of a smarthost route: the sink's address on the MX port, with its own settings."""
+    ip = sink.ip if isinstance(sink, MxSink) else sink
+    port = sink.port if isinstance(sink, MxSink) else options.pop("port")
+    login = {} if user is None else {"username": user, "password": USERS.get(user, "wrong")}
+    options.setdefault("verify", False)
+    return Host(options.pop("name", ip), 0, (ip,), Smarthost(ip, port, tls, **login, **options))
+
+
+def via(*hosts: Host) -> Route:
+    return Route("example.test", hosts)
+
+
+def closed_port(net: MxNet) -> DeliveryConfig:
+    """delivery.port set to a port nothing listens on: only a smarthost's own port works."""
+    return dataclasses.replace(config(net), port=1)
+
+
+def run_deliver(cfg: DeliveryConfig, to: Route, body: Path) -> list[RecipientResult]:
+    async def run() -> list[RecipientResult]:
+        courier = Courier(cfg)
+        try:
+            return await courier.deliver(to, SENDER, [ALICE], body, size=10)
+        finally:
+            await courier.close()
+
+    return asyncio.run(run())
+
+
+def test_smarthost_auth_in_plain_text_when_its_tls_is_none(mx: MxNet, body: Path) -> None:
+    sink = mx.sink("127.0.0.2", auth=USERS, auth_require_tls=False)
+
+    [result] = run_deliver(closed_port(mx), via(smarthost(sink, user="app")), body)
+
+    assert (result.reply.code, result.mx, result.tls) == (250, "127.0.0.2", False)
+    assert sink.wait_for(1)[0].user == "app"
+    assert sink.commands[:3] == ["EHLO", "AUTH", "MAIL"]
+
+
+def test_smarthost_starttls_verified_then_auth(mx: MxNet, body: Path, authority: Authority) -> None:
+    context = authority.server_tls("smart.example.test")
+    sink = mx.sink("127.0.0.2", tls_context=context, auth=USERS)
+    host = smarthost(sink, "starttls", user="app", verify=True, name="smart.example.test")
+    cfg = dataclasses.replace(config(mx), tls=tls("opportunistic", ca_file=authority.file))
+    before = tls_counts()
+
+    [result] = run_deliver(cfg, via(host), body)
+
+    assert (result.reply.code, result.tls, result.tls_verified) == (250, True, True)
+    [message] = sink.wait_for(1)
+    assert (message.user, message.tls) == ("app", True)
+    assert sink.commands[:4] == ["EHLO", "STARTTLS", "EHLO", "AUTH"]
+    assert counted(before) == {"verified": 1}
+
+
+def test_smarthost_starttls_never_sends_credentials_in_clear(mx: MxNet, body: Path) -> None:
+    plain = mx.sink("127.0.0.2", auth=USERS, auth_require_tls=False)  # no STARTTLS
+    backup = mx.sink("127.0.0.3", tls=True, auth=USERS)
+
+    [result] = run_deliver(
+        config(mx),
+        via(smarthost(plain, "starttls", user="app"), smarthost(backup, "starttls", user="app")),
+        body,
+    )
+
+    assert (result.reply.code, result.mx, result.tls) == (250, "127.0.0.3", True)
+    assert plain.commands == ["EHLO", "QUIT"]
+    assert backup.wait_for(1)[0].user == "app"
+
+
+def test_smarthost_smtps_implicit_tls_with_auth(
+    mx: MxNet, body: Path, authority: Authority
+) -> None:
+    context = authority.server_tls("127.0.0.2")
+    sink = mx.sink("127.0.0.2", smtps=context, auth=USERS)
+    cfg = dataclasses.replace(closed_port(mx), tls=tls(ca_file=authority.file))
+
+    [result] = run_deliver(cfg, via(smarthost(sink, "smtps", user="app", verify=True)), body)
+
+    assert (result.reply.code, result.tls, result.tls_verified) == (250, True, True)
+    assert sink.wait_for(1)[0].user == "app"
+    assert sink.commands[:3] == ["EHLO", "AUTH", "MAIL"]
+
+
+def test_smarthost_smtps_with_a_certificate_for_another_name_fails_over(
+    mx: MxNet, body: Path, authority: Authority
+) -> None:
+    wrong = mx.sink("127.0.0.2", smtps=authority.server_tls("someone.else.test"))
+    right = mx.sink("127.0.0.3", smtps=authority.server_tls("127.0.0.3"))
+    cfg = dataclasses.replace(config(mx), tls=tls(ca_file=authority.file))
+    before = tls_counts()
+
+    [result] = run_deliver(
+        cfg,
+        via(smarthost(wrong, "smtps", verify=True), smarthost(right, "smtps", verify=True)),
+        body,
+    )
+
+    assert (result.reply.code, result.mx, result.tls_verified) == (250, "127.0.0.3", True)
+    assert wrong.commands == []
+    assert counted(before) == {"failed": 1, "verified": 1}
+
+
+def test_smarthost_smtps_verify_failure_everywhere_is_temporary(
+    mx: MxNet, body: Path, authority: Authority
+) -> None:
+    sink = mx.sink("127.0.0.2", smtps=authority.server_tls("someone.else.test"))
+    cfg = dataclasses.replace(config(mx), tls=tls(ca_file=authority.file))
+
+    [result] = run_deliver(cfg, via(smarthost(sink, "smtps", verify=True)), body)
+
+    assert verdicts([result]) == {ALICE: Verdict.TEMPORARY}
+    assert result.reply.enhanced == "4.7.5"
+    assert result.reply.text.startswith("certificate of 127.0.0.2[127.0.0.2] not verified")
+
+
+def test_smarthost_wrong_password_fails_over_to_the_next(mx: MxNet, body: Path) -> None:
+    first = mx.sink("127.0.0.2", auth=USERS, auth_require_tls=False)
+    second = mx.sink("127.0.0.3", auth=USERS, auth_require_tls=False)
+
+    [result] = run_deliver(
+        config(mx), via(smarthost(first, user="nobody"), smarthost(second, user="other")), body
+    )
+
+    assert (result.reply.code, result.mx) == (250, "127.0.0.3")
+    assert first.received == [] and "MAIL" not in first.commands
+    assert second.wait_for(1)[0].user == "other"
+
+
+def test_smarthost_auth_refused_everywhere_is_deferred_never_bounced(mx: MxNet, body: Path) -> None:
+    first = mx.sink("127.0.0.2", auth=USERS, auth_require_tls=False)
+    second = mx.sink("127.0.0.3")  # offers no AUTH at all
+
+    results = run_deliver(
+        config(mx), via(smarthost(first, user="nobody"), smarthost(second, user="app")), body
+    )
+
+    assert verdicts(results) == {ALICE: Verdict.TEMPORARY}
+    assert results[0].reply.enhanced == "4.7.0"
+    assert results[0].reply.text.startswith("authentication at 127.0.0.3[127.0.0.3] failed")
+    assert "MAIL" not in first.commands + second.commands
+
+
+def test_smarthost_down_fails_over_and_mta_sts_and_tls_policies_do_not_apply(
+    mx: MxNet, body: Path
+) -> None:
+    down, up = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")  # no STARTTLS anywhere
+    down.stop()
+    cfg = dataclasses.replace(config(mx), tls=tls("verify"))
+
+    [result] = run_deliver(cfg, via(smarthost(down), smarthost(up)), body)
+
+    assert (result.reply.code, result.mx, result.tls) == (250, "127.0.0.3", False)
+
+
+def test_smarthost_sessions_are_reused_only_with_the_same_credentials(
+    mx: MxNet, body: Path
+) -> None:
+    sink = mx.sink("127.0.0.2", auth=USERS, auth_require_tls=False)
+
+    async def run() -> None:
+        courier = Courier(config(mx))
+        for user in ("app", "other", "app", "other"):
+            to = via(smarthost(sink, user=user))
+            await courier.deliver(to, SENDER, [ALICE], body, size=10, destination="smart")
+        await courier.close()
+
+    asyncio.run(run())
+    assert [m.user for m in sink.wait_for(4)] == ["app", "other", "app", "other"]
+    assert sink.connections == 2
+    assert sink.commands.count("AUTH") == 2

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from relay.classify import Reply, Verdict, classify
-from relay.config import DnsConfig
-from relay.resolver import Host, ResolveError, Resolver, Route
+from relay.config import Config, DeliveryConfig, DnsConfig
+from relay.resolver import Host, ResolveError, Resolver, Route, Router
+from relay.shapeconfig import RouteRule, Smarthost
 from tests.support.dns import DnsServer
 
 DOMAIN = "example.test"
@@ -286,3 +287,101 @@ def test_large_mx_set_arrives_over_tcp(dns_server: DnsServer) -> None:
 
     assert names(route(dns_server)) == hosts
     assert dns_server.queries(DOMAIN, "MX") == 2  # truncated over UDP, then again over TCP
+
+
+# --- the router: smarthost routes by recipient domain --------------------------------------------
+
+RELAY_IP = Smarthost("127.0.0.3", 2525, "none", False)
+RELAY_NAME = Smarthost("smart.test", 587, "starttls", True, "app", "secret")
+
+
+def router(server: DnsServer, *rules: RouteRule) -> Router:
+    dns_cfg = DnsConfig(nameservers=((server.host, server.port),), timeout=2.0)
+    cfg = Config(delivery=DeliveryConfig(dns=dns_cfg), routes=rules)
+    return Router(cfg, Resolver(dns_cfg))
+
+
+def routed(server: DnsServer, domain: str, *rules: RouteRule) -> Route:
+    return asyncio.run(router(server, *rules).route(domain))
+
+
+def test_router_gives_the_smarthosts_in_order_without_mx_lookups(dns_server: DnsServer) -> None:
+    dns_server.a("smart.test", "192.0.2.7")
+
+    found = routed(dns_server, "B.test.", RouteRule(("b.test",), (RELAY_NAME, RELAY_IP)))
+
+    assert found == Route(
+        "b.test",
+        (
+            Host("smart.test", 0, ("192.0.2.7",), RELAY_NAME),
+            Host("127.0.0.3", 1, ("127.0.0.3",), RELAY_IP),
+        ),
+    )
+    assert dns_server.queries("b.test", "MX") == 0
+
+
+@pytest.mark.parametrize(
+    ("domain", "rule_domains", "via_smarthost"),
+    [
+        ("b.test", ("b.test",), True),
+        ("a.test", ("b.test",), False),
+        ("x.b.test", (".b.test",), True),
+        ("b.test", (".b.test",), False),
+        ("anything.test", ("*",), True),
+    ],
+)
+def test_router_matches_rules_else_uses_mx(
+    dns_server: DnsServer, domain: str, rule_domains: tuple[str, ...], via_smarthost: bool
+) -> None:
+    dns_server.mx(domain, (10, "mx.example.test"))
+    dns_server.a("mx.example.test", "192.0.2.1")
+
+    found = routed(dns_server, domain, RouteRule(rule_domains, (RELAY_IP,)))
+
+    assert [host.smarthost is not None for host in found.hosts] == [via_smarthost]
+
+
+def test_router_rule_via_mx_comes_first(dns_server: DnsServer) -> None:
+    dns_server.mx("b.test", (10, "mx.example.test"))
+    dns_server.a("mx.example.test", "192.0.2.1")
+    rules = (RouteRule(("b.test",), ()), RouteRule(("*",), (RELAY_IP,)))
+
+    found = routed(dns_server, "b.test", *rules)
+
+    assert names(found) == ["mx.example.test"]
+
+
+def test_smarthost_without_address_is_skipped(dns_server: DnsServer) -> None:
+    gone = Smarthost("gone.test", 25, "none", False)
+    dns_server.servfail("failing.test")
+    failing = Smarthost("failing.test", 25, "none", False)
+
+    found = routed(dns_server, "b.test", RouteRule(("b.test",), (gone, failing, RELAY_IP)))
+
+    assert [host.name for host in found.hosts] == ["127.0.0.3"]
+
+
+def test_no_smarthost_with_an_address_is_temporary(dns_server: DnsServer) -> None:
+    gone = Smarthost("gone.test", 25, "none", False)
+
+    with pytest.raises(ResolveError) as info:
+        routed(dns_server, "b.test", RouteRule(("b.test",), (gone, RELAY_NAME)))
+
+    assert verdict(info.value.reply) is Verdict.TEMPORARY
+    assert str(info.value.reply) == (
+        "451 4.4.4 no address for any smarthost of b.test (gone.test, smart.test)"
+    )
+
+
+def test_smarthost_addresses_are_cached(dns_server: DnsServer) -> None:
+    dns_server.a("smart.test", "192.0.2.7")
+    dns_server.aaaa("smart.test", "2001:db8::7")
+    routes = router(dns_server, RouteRule(("*",), (RELAY_NAME,)))
+
+    async def twice() -> list[Route]:
+        return [await routes.route("one.test"), await routes.route("two.test")]
+
+    first, second = asyncio.run(twice())
+
+    assert first.hosts[0].addresses == second.hosts[0].addresses == ("192.0.2.7", "2001:db8::7")
+    assert dns_server.queries("smart.test", "A") == 1

@@ -14,7 +14,7 @@ from typing import Any, TypeVar, cast
 
 import pytest
 import trustme
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 T = TypeVar("T")
 ACCEPT = "250 2.0.0 OK"
@@ -36,6 +36,7 @@ class Received:
     tls: bool
     helo: str  # the name given in EHLO or HELO
     mail_options: list[str] = field(default_factory=list)  # e.g. ["SIZE=123", "BODY=8BITMIME"]
+    user: str | None = None  # who authenticated (AUTH) in the session that sent it
 
 
 class _Script:
@@ -88,12 +89,16 @@ class _Handler:
                     rcpt_tos=list(envelope.rcpt_tos),
                     data=envelope.original_content or b"",
                     peer_ip=cast(tuple[str, int], session.peer)[0],
-                    tls=session.ssl is not None,
+                    tls=session.ssl is not None or self.sink.smtps,
                     helo=session.host_name or "",
                     mail_options=list(envelope.mail_options),
+                    user=str(session.auth_data) if session.authenticated else None,
                 )
             )
         return reply
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        return await self._answer(server, "rset")
 
     async def _answer(self, server: SMTP, key: str) -> str:
         reply = self.sink.next_reply(key)
@@ -113,6 +118,7 @@ class _Server(SMTP):
     def __init__(self, sink: MxSink, **options: Any) -> None:
         super().__init__(_Handler(sink), **options)
         self.sink = sink
+        self.counted = False  # whether connected() was called and disconnected() not yet
         # aiosmtpd dispatches through this table; wrapping it logs every verb a client sends.
         self._smtp_methods = {
             verb: _logged(sink, verb, method) for verb, method in self._smtp_methods.items()
@@ -120,8 +126,15 @@ class _Server(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the second call STARTTLS makes with the TLS transport
+            self.counted = True
             self.sink.connected(cast(asyncio.Transport, transport))
         super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.counted:
+            self.counted = False
+            self.sink.disconnected()
+        super().connection_lost(error)
 
 
 def _logged(
@@ -158,15 +171,29 @@ class MxSink:
         broken_tls: bool = False,
         smtputf8: bool = False,
         esmtp: bool = True,
+        auth: dict[str, str] | None = None,
+        auth_require_tls: bool = True,
+        smtps: ssl.SSLContext | None = None,
     ) -> None:
+        """auth: users and passwords that AUTH (PLAIN, LOGIN) accepts; offered only after
+        STARTTLS unless auth_require_tls is false (or the sink is smtps). smtps: serve TLS
+        from the first byte with this context (implicit TLS, RFC 8314)."""
         self.ip, self.port, self.esmtp = ip, port, esmtp
+        self.smtps = smtps is not None
+        self._smtps_context = smtps
         self.received: list[Received] = []
-        self.connections = 0
+        self.connections = 0  # connections accepted so far
+        self.open_now = 0  # connections open now
+        self.max_open = 0  # the most connections open at once
         self.commands: list[str] = []  # verbs received, in order, over all connections
         self._scripts: dict[str, _Script] = {}
         self._changed = threading.Condition()
         self._transports: list[asyncio.Transport] = []
         self._options: dict[str, Any] = {"hostname": f"mx.{ip}", "enable_SMTPUTF8": smtputf8}
+        if auth is not None:
+            self._options["authenticator"] = _authenticator(auth)
+            # aiosmtpd cannot tell that a connection is TLS from the start: it would refuse AUTH.
+            self._options["auth_require_tls"] = auth_require_tls and smtps is None
         if tls_context is not None:
             self._options["tls_context"] = tls_context
         elif tls or broken_tls:
@@ -187,6 +214,9 @@ class MxSink:
 
     def script_rcpt(self, address: str, *replies: str) -> None:
         self._script(f"rcpt:{address}", replies)
+
+    def script_rset(self, *replies: str) -> None:
+        self._script("rset", replies)
 
     def script_data(self, *replies: str) -> None:
         """Replies after the final dot; messages given a non-2xx reply are not recorded."""
@@ -217,6 +247,10 @@ class MxSink:
             self._run(self._close(self._listener))
             self._listener = None
 
+    def disconnect(self) -> None:
+        """Close every open connection from the server's side, as an idle timeout would."""
+        self._run(self._disconnect())
+
     def close(self) -> None:
         """Stop, drop every connection and end the thread."""
         self.stop()
@@ -244,7 +278,24 @@ class MxSink:
     def connected(self, transport: asyncio.Transport) -> None:
         with self._changed:
             self.connections += 1
+            self.open_now += 1
+            self.max_open = max(self.max_open, self.open_now)
             self._transports.append(transport)
+            self._changed.notify_all()
+
+    def disconnected(self) -> None:
+        with self._changed:
+            self.open_now -= 1
+            self._changed.notify_all()
+
+    def wait_open(self, count: int, timeout: float = 10.0) -> None:
+        """Block until exactly count connections are open; AssertionError if that never comes."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.open_now == count, timeout):
+                raise AssertionError(
+                    f"{self.ip}: expected {count} open connection(s) within {timeout}s, "
+                    f"have {self.open_now}"
+                )
 
     def _script(self, key: str, replies: tuple[str, ...]) -> None:
         with self._changed:
@@ -257,7 +308,11 @@ class MxSink:
         def protocol() -> SMTP:
             return self._server_class(self, loop=self._loop, **self._options)
 
-        return await self._loop.create_server(protocol, self.ip, self.port)
+        return await self._loop.create_server(protocol, self.ip, self.port, ssl=self._smtps_context)
+
+    async def _disconnect(self) -> None:
+        for transport in self._transports:
+            transport.close()
 
     async def _close(self, listener: asyncio.Server) -> None:
         listener.close()
@@ -298,6 +353,21 @@ def mx() -> Iterator[MxNet]:
         yield net
     finally:
         net.close()
+
+
+def _authenticator(users: dict[str, str]) -> Callable[..., AuthResult]:
+    """aiosmtpd's authenticator hook: accept exactly the given users and passwords."""
+
+    def check(
+        server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        if isinstance(data, LoginPassword):
+            user, password = data.login.decode(), data.password.decode()
+            if users.get(user) == password:
+                return AuthResult(success=True, auth_data=user)
+        return AuthResult(success=False, handled=False)
+
+    return check
 
 
 def _reverse_path(mail_from: str | None) -> str:
