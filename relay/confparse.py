@@ -37,10 +37,10 @@ def duration(value: Any) -> float:
 
 
 def durations(value: Any) -> tuple[float, ...]:
-    items = _list(value)
+    items = as_list(value)
     if not items:
         raise ValueError("must list at least one duration")
-    return tuple(_indexed(duration, items))
+    return tuple(indexed(duration, items))
 
 
 def positive_int(value: Any) -> int:
@@ -87,7 +87,7 @@ def host_port(value: Any) -> HostPort:
 
 
 def host_ports(value: Any) -> tuple[HostPort, ...]:
-    return tuple(_indexed(host_port, _list(value)))
+    return tuple(indexed(host_port, as_list(value)))
 
 
 def ip_port(value: Any) -> HostPort:
@@ -101,7 +101,7 @@ def ip_port(value: Any) -> HostPort:
 
 
 def ip_ports(value: Any) -> tuple[HostPort, ...]:
-    return tuple(_indexed(ip_port, _list(value)))
+    return tuple(indexed(ip_port, as_list(value)))
 
 
 def networks(value: Any) -> tuple[Network, ...]:
@@ -111,7 +111,7 @@ def networks(value: Any) -> tuple[Network, ...]:
         except ValueError:
             raise ValueError(f"{item!r} is not an IP network (e.g. 10.0.0.0/8)") from None
 
-    return tuple(_indexed(network, _list(value)))
+    return tuple(indexed(network, as_list(value)))
 
 
 def providers(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -125,7 +125,7 @@ def providers(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
         if name == "other":
             raise ValueError("'other' is implicit (everything that matches no pattern)")
         try:
-            globs = tuple(str(p).lower() for p in _list(patterns))
+            globs = tuple(str(p).lower() for p in as_list(patterns))
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         out.append((name, globs))
@@ -196,7 +196,7 @@ def dkim_keys(value: Any) -> tuple[DkimKey, ...]:
             raise ValueError(f"{selector!r} is not a DKIM selector")
         return DkimKey(hostname(item["domain"]).lower(), selector, path(item["key_file"]))
 
-    keys = _indexed(key, _list(value))
+    keys = indexed(key, as_list(value))
     domains = [k.domain for k in keys]
     if len(domains) != len(set(domains)):
         raise ValueError("one key per domain")
@@ -209,7 +209,7 @@ def header_names(value: Any) -> tuple[str, ...]:
             raise ValueError(f"{item!r} is not a header field name")
         return item.lower()
 
-    names = tuple(_indexed(name, _list(value)))
+    names = tuple(indexed(name, as_list(value)))
     if "from" not in names:
         raise ValueError("must include from (RFC 6376 §5.4)")
     return names
@@ -221,13 +221,13 @@ def path(value: Any) -> Path:
     return Path(value).expanduser().absolute()
 
 
-def _list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise ValueError(f"{value!r} is not a list")
     return value
 
 
-def _indexed(parse: Callable[[Any], T], items: list[Any]) -> list[T]:
+def indexed(parse: Callable[[Any], T], items: list[Any]) -> list[T]:
     """Apply parse to each item, naming the failing index in the error."""
     out = []
     for index, item in enumerate(items):

@@ -12,10 +12,12 @@ from typing import Any
 
 from relay.confparse import (
     DURATION_RE,
+    as_list,
     boolean,
     choice,
     duration,
     hostname,
+    indexed,
     option,
     path,
     port,
@@ -140,24 +142,18 @@ def pattern(value: Any) -> re.Pattern[str]:
 
 
 def patterns(value: Any) -> tuple[re.Pattern[str], ...]:
-    if not isinstance(value, list):
-        raise ValueError(f"{value!r} is not a list")
-    return tuple(pattern(p) for p in value)
+    return tuple(indexed(pattern, as_list(value)))
 
 
 def suspensions(value: Any) -> tuple[tuple[re.Pattern[str], float], ...]:
     """[{pattern: REGEX, for: DURATION}, …]: replies that suspend their destination."""
-    if not isinstance(value, list):
-        raise ValueError(f"{value!r} is not a list")
-    out = []
-    for index, item in enumerate(value):
+
+    def suspension(item: Any) -> tuple[re.Pattern[str], float]:
         if not isinstance(item, Mapping) or set(item) != {"pattern", "for"}:
-            raise ValueError(f"[{index}] {item!r} needs exactly pattern and for")
-        try:
-            out.append((pattern(item["pattern"]), duration(item["for"])))
-        except ValueError as exc:
-            raise ValueError(f"[{index}] {exc}") from None
-    return tuple(out)
+            raise ValueError(f"{item!r} needs exactly pattern and for")
+        return pattern(item["pattern"]), duration(item["for"])
+
+    return tuple(indexed(suspension, as_list(value)))
 
 
 def quota_windows(value: Any) -> tuple[tuple[float, int], ...]:
@@ -252,15 +248,7 @@ def route_domain(value: Any) -> str:
 
 def routes(value: Any) -> tuple[RouteRule, ...]:
     """[{domains: [...], via: mx | [smarthost, …]}, …]; the first rule that matches wins."""
-    if not isinstance(value, list):
-        raise ValueError(f"{value!r} is not a list")
-    out = []
-    for index, item in enumerate(value):
-        try:
-            out.append(_route(item))
-        except ValueError as exc:
-            raise ValueError(f"[{index}] {exc}") from None
-    return tuple(out)
+    return tuple(indexed(_route, as_list(value)))
 
 
 def _route(item: Any) -> RouteRule:
@@ -277,12 +265,10 @@ def _route(item: Any) -> RouteRule:
         return RouteRule(tuple(route_domain(d) for d in domains), ())
     if not isinstance(via, list) or not via:
         raise ValueError("via: give mx or a list of smarthosts")
-    hosts = []
-    for index, host in enumerate(via):
-        try:
-            hosts.append(smarthost(host))
-        except ValueError as exc:
-            raise ValueError(f"via[{index}] {exc}") from None
+    try:
+        hosts = indexed(smarthost, via)
+    except ValueError as exc:
+        raise ValueError(f"via{exc}") from None
     return RouteRule(tuple(route_domain(d) for d in domains), tuple(hosts))
 
 

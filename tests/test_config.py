@@ -103,7 +103,7 @@ metrics: {listen: "127.0.0.1:9100"}
         ("destinations: {a.test: {connections: 0}}", "destinations: a.test: 0 must be at least 1"),
         ("destinations: {a.test: {conns: 2}}", "destinations: a.test: conns: unknown key (known: connections, rate)"),
         ("destinations: {'bad name!': {rate: 0}}", "destinations: bad name!: not a provider name or a domain"),
-        ("throttle: {patterns: ['(']}", "throttle.patterns: '(' is not a regular expression"),
+        ("throttle: {patterns: ['(']}", "throttle.patterns: [0] '(' is not a regular expression"),
         ("throttle: {suspend: [{pattern: TS03}]}", "throttle.suspend: [0] {'pattern': 'TS03'} needs exactly pattern and for"),
         ("quotas: {users: {alice: {weekly: 5}}}", "quotas.users: alice: weekly: not hourly, daily or a duration of 1s or more"),
         ("quotas: {users: {alice: {hourly: 0}}}", "quotas.users: alice: hourly: 0 must be at least 1"),
