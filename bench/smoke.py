@@ -24,7 +24,7 @@ def stamp(event: dict[str, object]) -> float:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
-def run(messages: int, sessions: int, size: int, deadline: float) -> dict[str, float]:
+def run(messages: int, sessions: int, size: int, reuse: int, deadline: float) -> dict[str, float]:
     dns, net = DnsServer(), MxNet()
     dns.start()
     sink = net.sink("127.0.0.2")
@@ -34,7 +34,13 @@ def run(messages: int, sessions: int, size: int, deadline: float) -> dict[str, f
     with tempfile.TemporaryDirectory() as root:
         relay = Relay(
             Path(root),
-            {"delivery": {"port": net.port, "dns": {"nameservers": [dns.address]}}},
+            {
+                "delivery": {
+                    "port": net.port,
+                    "dns": {"nameservers": [dns.address]},
+                    "reuse": {"max_messages": reuse},
+                }
+            },
         )
         relay.start()
         per_session = messages // sessions
@@ -71,6 +77,7 @@ def run(messages: int, sessions: int, size: int, deadline: float) -> dict[str, f
         "accept_p99_ms": round(latencies[int(len(latencies) * 0.99) - 1] * 1000, 2),
         "pickup_p50_ms": round(statistics.median(pickup) * 1000, 2),
         "pickup_max_ms": round(max(pickup) * 1000, 2),
+        "sink_connections": sink.connections,
     }
 
 
@@ -81,11 +88,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument(
+        "--reuse", type=int, default=100, help="delivery.reuse.max_messages (1 = no reuse)"
+    )
     args = parser.parse_args()
     results = []
     for _ in range(args.runs):
         deadline = time.monotonic() + args.max_seconds
-        results.append(run(args.messages, args.sessions, args.size, deadline))
+        results.append(run(args.messages, args.sessions, args.size, args.reuse, deadline))
         print(json.dumps(results[-1]), flush=True)
     medians = {k: statistics.median(r[k] for r in results) for k in results[0]}
     print(json.dumps({"median_of": args.runs, **medians}))
