@@ -270,7 +270,7 @@ def item(msg: Message, where: str, why: list[Any] | None = None) -> dict[str, An
         out["quota_until"] = iso(msg.quota_until)
         out["status"] = out["reason"] = reason
         out["expected_attempt_at"] = iso(expected)
-        out["reason_detail"] = detail or last_reply(msg)
+        out["reason_detail"] = detail or DETAILS.get(reason) or last_reply(msg)
     else:
         reasons = {r["reason"] for r in recipients if "reason" in r}
         out["reason"] = reasons.pop() if len(reasons) == 1 else "mixed"
@@ -278,15 +278,21 @@ def item(msg: Message, where: str, why: list[Any] | None = None) -> dict[str, An
     return out
 
 
+DETAILS = {
+    "held": "on hold: relay queue release lets it go",
+    "quota": "over its sending quota until a window with room opens",
+}
+
+
 def waiting(msg: Message, now: float) -> list[Any]:
     """Why a queued message waits, read from the spool alone (the daemon is stopped):
     [held | scheduled | quota | deferred | queued, expected attempt, detail]."""
     if msg.held:
-        return ["held", None, "relay queue release to let it go"]
+        return ["held", None, None]
     if msg.send_at is not None and msg.send_at > now:
         return ["scheduled", msg.send_at, None]
     if msg.quota_until is not None and msg.quota_until > now:
-        return ["quota", msg.quota_until, "over its sending quota until the window resets"]
+        return ["quota", msg.quota_until, None]
     return ["deferred" if msg.attempts else "queued", max(now, msg.next_attempt), None]
 
 
@@ -338,7 +344,9 @@ def why_line(data: dict[str, Any]) -> str:
     """(reason until when: detail), e.g. (throttled until 2026-11-22T10:00:00Z: gmail …) or
     (scheduled for 2026-11-22T10:00:00Z)."""
     text = data["reason"]
-    if data["expected_attempt_at"] is not None:
+    if text == "active":
+        text += ": in a delivery attempt now"
+    elif data["expected_attempt_at"] is not None:
         text += f" {'for' if text == 'scheduled' else 'until'} {data['expected_attempt_at']}"
     if data["reason"] in ("throttled", "suspended", "quota", "held") and data["reason_detail"]:
         text += f": {data['reason_detail']}"

@@ -792,7 +792,11 @@ def describe(dest: Destination, cfg: Config, now: float) -> str:
     if dest.suspended(now):
         what = f"{dest.name} suspended for {dest.suspended_until - now:.0f}s"
     elif dest.level:
-        what = f"{dest.name} throttled (level {dest.level}, {dest.connections()} connections)"
+        what = f"{dest.name} throttled (level {dest.level}, {connections(dest.connections())})"
     else:
-        what = f"{dest.name} at its limit ({dest.limits.connections} connections)"
+        what = f"{dest.name} at its limit ({connections(dest.limits.connections)})"
     return what if dest.last_reply is None else f"{what} after: {dest.last_reply}"
+
+
+def connections(count: int) -> str:
+    return f"{count} connection{'s' * (count != 1)}"

@@ -109,18 +109,37 @@ def test_suspension_shows_in_the_listing_and_metrics(relay: RelayFactory, sink: 
 
 def test_listing_says_why_each_message_waits(relay: RelayFactory, sink: MxSink) -> None:
     sink.script_data(SLOW.format(seconds=3) + "250 2.0.0 ok")
-    daemon = relay({"destinations": {"a.test": {"connections": 1}}})
+    daemon = relay(
+        {
+            "destinations": {"a.test": {"connections": 1}},
+            "quotas": {"sender_domains": {"q.test": {"hourly": 1}}},
+        }
+    )
     ids = [daemon.send(["user@a.test"]) for _ in range(3)]
     held = daemon.send(["user@a.test"])
     daemon.cli("queue", "hold", held)
     later = daemon.send(["user@a.test"], b"X-Relay-Send-At: 4000000000\r\n\r\nx\r\n")
+    daemon.send(["user@a.test"], sender="app@q.test")
+    over = daemon.send(["user@a.test"], sender="app@q.test")
     time.sleep(1.2)
     listed = {m["id"]: m for m in daemon.cli_json("queue", "list")}
     reasons = sorted(listed[i]["reason"] for i in ids)
     assert reasons == ["active", "throttled", "throttled"], listed
+    throttled = next(listed[i] for i in ids if listed[i]["reason"] == "throttled")
+    assert throttled["reason_detail"] == "a.test at its limit (1 connection)"
     assert listed[held]["reason"] == "held" and listed[held]["expected_attempt_at"] is None
     assert listed[later]["reason"] == "scheduled"
     assert listed[later]["expected_attempt_at"] == "2096-10-02T07:06:40Z"
-    eventually(lambda: value(daemon, "relay_queue_messages", state="throttled") == 2)
+    assert listed[over]["reason"] == "quota"
+    assert listed[over]["expected_attempt_at"] == listed[over]["quota_until"]
+    until = datetime.fromisoformat(listed[over]["quota_until"]).timestamp()
+    assert until % 3600 == 0 and 0 < until - time.time() <= 3600  # the next hour
+    text = daemon.cli("queue", "list").stdout
+    for reason in ("active", "throttled", "held", "scheduled", "quota"):
+        assert f"({reason}" in text
+    eventually(lambda: value(daemon, "relay_queue_messages", state="throttled") == 3)
     assert value(daemon, "relay_queue_messages", state="held") == 1
+    assert value(daemon, "relay_queue_messages", state="quota") == 1
+    assert value(daemon, "relay_queue_messages", state="scheduled") == 1
+    assert value(daemon, "relay_queue_messages", state="active") == 1
     daemon.cli("queue", "delete", "ALL")
