@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/relay.yaml
 
-.PHONY: run test lint check-config system-venv clean
+.PHONY: run test lint check-config system-venv bench bench-tools clean
 
 $(BIN)/python:
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory system-venv
@@ -37,6 +37,21 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(BIN)/pytest
+
+# Side by side with Postfix (its smtp-source, smtp-sink and a private Postfix instance):
+# a Markdown table and raw JSON in bench/results/. BENCH_ARGS=--runs 1 for a quick look.
+bench: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+# Debian's postfix, installed without configuring the system's own mail service.
+bench-tools:
+	@command -v smtp-source >/dev/null && command -v smtp-sink >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix; \
+		else \
+			echo "relay: make bench needs Debian's postfix: sudo apt-get install postfix" >&2; exit 1; \
+		fi; }
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
