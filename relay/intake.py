@@ -17,6 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import directives, dkim, logs, metrics, quota, users
 from relay.config import Config, ConfigError, why
+from relay.groupcommit import GroupCommit
 from relay.guard import REPLY_BANNED, Guard, client_address
 from relay.resolver import address_literal
 from relay.session import KINDS, REPLY_SHUTTING_DOWN, Credentials, RelaySMTP
@@ -85,6 +86,10 @@ class IntakeHandler:
         self.users: dict[str, users.User] = {}
         self.users_stamp: tuple[float, int] | None = None
         self.ledger = quota.Ledger(spool.run_path("quota.json"))
+        # Sessions finishing DATA together share one flush (DESIGN invariant 1: group commit).
+        self.commits: GroupCommit[tuple[Message, tuple[bytes, bytes]]] = GroupCommit(
+            spool.accept_batch
+        )
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -273,7 +278,7 @@ class IntakeHandler:
             if self.signer is not None:
                 header = (await asyncio.to_thread(self.signer.sign, content) or b"") + header
             msg.size += len(header)
-            await asyncio.to_thread(self.spool.accept, msg, (header, content))
+            await self.commits.submit((msg, (header, content)))
         except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
             logs.failure("intake", exc, id=msg.id)
             metrics.REJECTED.labels("local_error").inc()

@@ -18,6 +18,7 @@ from relay.backoff import next_delay
 from relay.classify import Verdict, classify
 from relay.config import Config
 from relay.courier import Courier, RecipientResult
+from relay.groupcommit import GroupCommit
 from relay.queueops import PAST, apply, selects
 from relay.resolver import ResolveError, Resolver, Router
 from relay.shapeconfig import LANES
@@ -137,6 +138,7 @@ class Scheduler:
         self.wake = asyncio.Event()
         self.active = 0  # messages in flight; at most delivery.concurrency
         self.transactions = Limiter(cfg.delivery.concurrency)
+        self.removals: GroupCommit[str] = GroupCommit(spool.remove_batch)
         self.ready = Ready(cfg.lanes.low_share)
         self.destinations: dict[str, Destination] = {}
         self.dest_cache: dict[str, tuple[str, float]] = {}  # domain: (destination, expiry)
@@ -550,8 +552,10 @@ class Scheduler:
         async with lock:
             for rcpt, result in zip(rcpts, results, strict=True):
                 self._apply(msg, rcpt, result, started, provider)
-            # Persist each recipient's outcome as soon as it is known (DESIGN invariant 3).
-            await asyncio.to_thread(self.spool.save, msg)
+            # Persist each recipient's outcome as soon as it is known (DESIGN invariant 3);
+            # a message with nothing left to do is removed instead (_forget), at once.
+            if msg.pending() or msg.failed():
+                await asyncio.to_thread(self.spool.save, msg)
             failed = [r for r in rcpts if r.status == "failed"]
             if failed:
                 await self._dead_letter(msg, failed, "permanent")
@@ -609,7 +613,7 @@ class Scheduler:
         """After every domain of this attempt: finish, expire, or schedule the next attempt."""
         pending = msg.pending()
         if not pending:
-            await self._forget(entry)
+            await self._forget(entry, msg)
             return
         now = time.time()
         msg.attempts += 1
@@ -640,9 +644,16 @@ class Scheduler:
         metrics.RECIPIENTS.labels(RESULT_OF[rcpts[0].status]).inc(len(rcpts))
         logs.event("dead_lettered", id=msg.id, rcpts=[r.address for r in rcpts], reason=reason)
 
-    async def _forget(self, entry: Entry) -> None:
-        """Drop a finished message from the queue and the index."""
-        await asyncio.to_thread(self.spool.remove, entry.id)
+    async def _forget(self, entry: Entry, msg: Message | None = None) -> None:
+        """Drop a finished message from the queue and the index; removals finishing together
+        share one directory fsync. If the removal fails, msg's outcome is saved instead, so
+        that what was delivered is never attempted again."""
+        try:
+            await self.removals.submit(entry.id)
+        except OSError:
+            if msg is not None:
+                await asyncio.to_thread(self.spool.save, msg)
+            raise
         self._drop(entry.id)
 
     # --- what the queue waits for (called by the control server) --------------------------------

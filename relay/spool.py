@@ -4,6 +4,7 @@ start-up recovery; the only module that touches spool files."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import re
@@ -24,6 +25,8 @@ STATE_SUFFIX = ".json"
 FINAL = frozenset({"delivered", "failed", "expired", "deleted"})
 HISTORY_LIMIT = 100  # attempts kept per recipient (the oldest are dropped beyond that)
 FAILED = frozenset({"failed", "expired"})
+Failure = BaseException | None  # a batch operation's result for one item
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 class SpoolError(Exception):
@@ -218,6 +221,58 @@ class Spool:
             self._discard(msg.id)
             raise
 
+    def accept_batch(self, batch: Sequence[tuple[Message, Sequence[bytes]]]) -> list[Failure]:
+        """accept() for many messages with one flush for all (group commit, docs/spool.md):
+        every content and state is written to tmp/; one syncfs makes them durable; the
+        contents are renamed into msg/ and msg/ is fsync'd; only then are the states renamed
+        into queue/ and queue/ fsync'd. A state file therefore never appears before its
+        content is durable, as with accept(). A result per message: None, or its error."""
+        results: list[Failure] = [None] * len(batch)
+        staged: list[tuple[int, str, Path, Path]] = []
+        for index, (msg, content) in enumerate(batch):
+            try:
+                body = self._stage(msg.id, content)
+            except OSError as exc:
+                results[index] = exc
+                continue
+            try:
+                staged.append((index, msg.id, body, self._stage(msg.id, [_encode(msg)])))
+            except OSError as exc:
+                results[index] = exc
+                _unlink(body)
+        try:
+            self._commit(staged)
+        except OSError as exc:
+            for index, msg_id, body, state in staged:
+                results[index] = exc
+                for path in (body, state):
+                    _unlink(path)
+                self._discard(msg_id)
+        return results
+
+    def _commit(self, staged: list[tuple[int, str, Path, Path]]) -> None:
+        _flush(self.root, [path for _, _, body, state in staged for path in (body, state)])
+        for _, msg_id, body, _ in staged:
+            os.replace(body, self.content_path(msg_id))
+        _fsync_dir(self.root / MSG)
+        for _, msg_id, _, state in staged:
+            os.replace(state, self.state_path(msg_id))
+        _fsync_dir(self.root / QUEUE)
+
+    def _stage(self, msg_id: str, chunks: Iterable[bytes]) -> Path:
+        """Write chunks to a new file in tmp/ (not flushed yet); its path."""
+        tmp = self.root / TMP / f"{msg_id}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        os.close(fd)
+        return tmp
+
     def _discard(self, msg_id: str) -> None:
         """Undo a failed accept; what cannot be removed now is removed by recover()."""
         for path in (self.state_path(msg_id), self.content_path(msg_id)):
@@ -280,6 +335,19 @@ class Spool:
         if not self.state_path(msg_id, other).exists():
             _unlink(self.content_path(msg_id))
         _fsync_dir(self.root / where)
+
+    def remove_batch(self, ids: Sequence[str]) -> list[Failure]:
+        """remove() for many finished queue entries with one directory fsync for all."""
+        results: list[Failure] = [None] * len(ids)
+        for index, msg_id in enumerate(ids):
+            try:
+                _unlink(self.state_path(msg_id))
+                if not self.state_path(msg_id, DEAD).exists():
+                    _unlink(self.content_path(msg_id))
+            except OSError as exc:
+                results[index] = exc
+        _fsync_dir(self.root / QUEUE)
+        return results
 
     def requeue(self, msg_id: str, now: float) -> Message:
         """Move a dead-letter record's recipients back into the queue, due now.
@@ -389,6 +457,27 @@ def _write_all(fd: int, data: bytes) -> None:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
+
+
+def _flush(root: Path, paths: Sequence[Path]) -> None:
+    """Make the data of paths durable: one syncfs(2) of the spool's file system for all of
+    them where the C library has it (Linux), else an fsync each."""
+    syncfs = getattr(_LIBC, "syncfs", None)
+    if syncfs is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if syncfs(fd) != 0:
+                errno = ctypes.get_errno()
+                raise OSError(errno, os.strerror(errno))
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
