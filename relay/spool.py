@@ -259,13 +259,15 @@ class Spool:
             os.replace(state, self.state_path(msg_id))
         _fsync_dir(self.root / QUEUE)
 
-    def _stage(self, msg_id: str, chunks: Iterable[bytes]) -> Path:
-        """Write chunks to a new file in tmp/ (not flushed yet); its path."""
-        tmp = self.root / TMP / f"{msg_id}.{secrets.token_hex(4)}"
+    def _stage(self, name: str, chunks: Iterable[bytes], *, sync: bool = False) -> Path:
+        """Write chunks to a new file in tmp/ (fsync'd if sync); its path."""
+        tmp = self.root / TMP / f"{name}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for chunk in chunks:
                 _write_all(fd, chunk)
+            if sync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -420,18 +422,10 @@ class Spool:
 
     def _write(self, path: Path, chunks: Iterable[bytes]) -> None:
         """Write to tmp/, fsync, rename over `path`, fsync its directory."""
-        tmp = self.root / TMP / f"{path.name}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        tmp = self._stage(path.name, chunks, sync=True)
         try:
-            for chunk in chunks:
-                _write_all(fd, chunk)
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
             os.replace(tmp, path)
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
             _unlink(tmp)
             raise
         _fsync_dir(path.parent)

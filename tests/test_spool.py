@@ -148,3 +148,29 @@ def test_inconsistent_state_is_corrupt(spool: Spool, mutate: object) -> None:
     spool.state_path(msg.id).write_text(json.dumps(data))
     with pytest.raises(CorruptEntry):
         spool.load(msg.id)
+
+
+def test_accept_batch_makes_every_message_durable_content_first(spool: Spool) -> None:
+    now = time.time()
+    batch = [
+        (Message(new_id(), "a@s.test", [Recipient(f"u{n}@d.test")], now, now), BODY)
+        for n in range(5)
+    ]
+    assert spool.accept_batch(batch) == [None] * 5
+    for msg, content in batch:
+        assert spool.load(msg.id) == msg
+        assert spool.content_path(msg.id).read_bytes() == b"".join(content)
+    assert os.listdir(spool.root / "tmp") == []
+
+
+def test_remove_batch_removes_queue_entries_and_unneeded_content(spool: Spool) -> None:
+    kept = accepted(spool)
+    gone = [accepted(spool) for _ in range(3)]
+    dead = accepted(spool, "x@d.test")
+    dead.recipients[0].status = "failed"
+    spool.save(dead)
+    spool.dead_letter(dead)
+    assert spool.remove_batch([m.id for m in [*gone, dead]]) == [None] * 4
+    assert spool.ids(QUEUE) == [kept.id]
+    assert not any(spool.content_path(m.id).exists() for m in gone)
+    assert spool.content_path(dead.id).exists()  # its dead-letter record still needs it
