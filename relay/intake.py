@@ -28,7 +28,6 @@ DOMAIN_RE = re.compile(
     r"[A-Za-z0-9\u0080-\U0010ffff])?\.)*[A-Za-z0-9\u0080-\U0010ffff]"
     r"([A-Za-z0-9\u0080-\U0010ffff-]{0,61}[A-Za-z0-9\u0080-\U0010ffff])?$"
 )
-BARE_LINE_END = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 
 REPLY_QUEUED = "250 2.0.0 queued as {}"
 REPLY_RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
@@ -353,7 +352,7 @@ class IntakeHandler:
 
     def _content_problem(self, content: bytes, session: Session) -> str | None:
         """Refusals decided on the message itself, or None."""
-        if BARE_LINE_END.search(content):
+        if has_bare_line_end(content):
             return self.reject("bare_line_end", REPLY_BARE_LINE_END, session)
         if b"\0" in content:
             return self.reject("nul_byte", REPLY_NUL, session)
@@ -508,3 +507,10 @@ def _factory(handler: IntakeHandler, kind: str) -> Callable[[], RelaySMTP]:
         )
 
     return factory
+
+
+def has_bare_line_end(content: bytes) -> bool:
+    """Whether a CR or LF appears other than in CRLF (three counts at C speed; a regex with
+    look-arounds costs milliseconds per 100 KiB)."""
+    pairs = content.count(b"\r\n")
+    return content.count(b"\n") != pairs or content.count(b"\r") != pairs
