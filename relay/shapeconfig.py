@@ -302,7 +302,7 @@ class ThrottleConfig:
     # with no rate, spaces messages `interval`, doubling per level) up to max_level;
     # recover_after clean deliveries in a row undo one level.
     max_level: int = option(positive_int, 4)
-    recover_after: int = option(positive_int, 5)
+    recover_after: int = option(positive_int, 3)
     interval: float = option(duration, 1.0)
     # Replies that suspend the destination (nothing sent to it) for a while.
     suspend: tuple[tuple[re.Pattern[str], float], ...] = option(suspensions, ())
