@@ -289,9 +289,9 @@ def waiting(msg: Message, now: float) -> list[Any]:
     [held | scheduled | quota | deferred | queued, expected attempt, detail]."""
     if msg.held:
         return ["held", None, None]
-    if msg.send_at is not None and msg.send_at > now:
+    if msg.scheduled(now):
         return ["scheduled", msg.send_at, None]
-    if msg.quota_until is not None and msg.quota_until > now:
+    if msg.over_quota(now):
         return ["quota", msg.quota_until, None]
     return ["deferred" if msg.attempts else "queued", max(now, msg.next_attempt), None]
 

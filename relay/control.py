@@ -143,18 +143,15 @@ def inspect(spool: Spool, op: str) -> Any:
     with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
         if offline:
             return None
-    return _live(spool, {"op": op}, raw=True)
+    return _live(spool, {"op": op})
 
 
-def _live(
-    spool: Spool, message: dict[str, str | None], timeout: float = 30.0, raw: bool = False
-) -> Any:
+def _live(spool: Spool, message: dict[str, str | None], timeout: float = 30.0) -> Any:
     """Ask the running scheduler; it may be restarting, so retry for a few seconds."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            reply = _ask(spool.socket_address(CONTROL_SOCKET), message, timeout)
-            return reply if raw else {k: list(v) for k, v in reply.items()}
+            return _ask(spool.socket_address(CONTROL_SOCKET), message, timeout)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() > deadline:
                 raise ControlError(f"the daemon is running but not answering: {exc}") from None

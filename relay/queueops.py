@@ -36,6 +36,6 @@ def apply(op: str, msg: Message, domain: str | None, now: float) -> bool:
         msg.held = True
     elif op == "release":
         msg.held, msg.quota_until, msg.next_attempt = False, None, now
-    elif op == "flush" and not msg.held and max(msg.send_at or 0.0, msg.quota_until or 0.0) <= now:
+    elif op == "flush" and not (msg.held or msg.scheduled(now) or msg.over_quota(now)):
         msg.next_attempt = now
     return False

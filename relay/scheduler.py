@@ -163,8 +163,7 @@ class Scheduler:
         now = time.time()
         entry = Entry(
             msg.id, msg.born, msg.attempts, last, msg.held,
-            scheduled=msg.send_at is not None and msg.send_at > now,
-            quota=msg.quota_until is not None and msg.quota_until > now,
+            scheduled=msg.scheduled(now), quota=msg.over_quota(now),
             lane=msg.lane if msg.lane in LANES else "normal",
             domains=pending_domains(msg),
         )  # fmt: skip
@@ -761,9 +760,7 @@ class Scheduler:
         if entry is None:
             self._index(msg)
             return
-        self._change(
-            entry, held=msg.held, quota=bool(msg.quota_until and msg.quota_until > time.time())
-        )
+        self._change(entry, held=msg.held, quota=msg.over_quota(time.time()))
         entry.domains = pending_domains(msg)
         if not msg.held:
             self.schedule(entry, msg.next_attempt)

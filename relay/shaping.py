@@ -184,15 +184,15 @@ class Ready:
         return iter(totals.items())
 
     def remove(self, item: Waiting, dest: str) -> bool:
-        for by_dest in self.queues[item.lane].values():
-            queue = by_dest.get(dest)
-            if queue is not None and item in queue:
-                queue.remove(item)
-                self.count -= 1
-                if not queue:
-                    del by_dest[dest]
-                return True
-        return False
+        by_dest = self.queues[item.lane][_kind(item)]
+        queue = by_dest.get(dest)
+        if queue is None or item not in queue:
+            return False
+        queue.remove(item)
+        self.count -= 1
+        if not queue:
+            del by_dest[dest]
+        return True
 
     def pick(self, can_start: Callable[[str], bool]) -> tuple[Waiting, str] | None:
         """The next message and the destination queue it came from, among destinations that

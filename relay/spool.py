@@ -130,6 +130,14 @@ class Message:
         its quota wait, or its requeue from the dead letters."""
         return self.requeued_at or max(self.queued_at, self.send_at or 0.0, self.quota_until or 0.0)
 
+    def scheduled(self, now: float) -> bool:
+        """Waiting for its X-Relay-Send-At time."""
+        return self.send_at is not None and self.send_at > now
+
+    def over_quota(self, now: float) -> bool:
+        """Waiting for room in its sending quota."""
+        return self.quota_until is not None and self.quota_until > now
+
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if not r.final]
 
@@ -209,24 +217,18 @@ class Spool:
     # --- intake ------------------------------------------------------------------------------
 
     def accept(self, msg: Message, content: Sequence[bytes]) -> None:
-        """Make a new message durable: content first, then its state, each fsync'd and renamed.
-
-        The state file appears last, so the scheduler never sees a message whose content is
-        not on disk (DESIGN invariant 1). Blocking: call it from a worker thread.
-        """
-        try:
-            self._write(self.content_path(msg.id), content)
-            self._write(self.state_path(msg.id), [_encode(msg)])
-        except BaseException:
-            self._discard(msg.id)
-            raise
+        """Make one new message durable: accept_batch() for a batch of one; raises its error.
+        Blocking: call it from a worker thread."""
+        [failure] = self.accept_batch([(msg, content)])
+        if failure is not None:
+            raise failure
 
     def accept_batch(self, batch: Sequence[tuple[Message, Sequence[bytes]]]) -> list[Failure]:
-        """accept() for many messages with one flush for all (group commit, docs/spool.md):
+        """Make new messages durable with one flush for all (group commit, docs/spool.md):
         every content and state is written to tmp/; one syncfs makes them durable; the
         contents are renamed into msg/ and msg/ is fsync'd; only then are the states renamed
         into queue/ and queue/ fsync'd. A state file therefore never appears before its
-        content is durable, as with accept(). A result per message: None, or its error."""
+        content is durable (DESIGN invariant 1). A result per message: None, or its error."""
         results: list[Failure] = [None] * len(batch)
         staged: list[tuple[int, str, Path, Path]] = []
         for index, (msg, content) in enumerate(batch):
@@ -332,10 +334,7 @@ class Spool:
 
     def remove(self, msg_id: str, where: str = QUEUE) -> None:
         """Remove a queue or dead-letter entry; its content goes when no other entry needs it."""
-        other = DEAD if where == QUEUE else QUEUE
-        _unlink(self.state_path(msg_id, where))
-        if not self.state_path(msg_id, other).exists():
-            _unlink(self.content_path(msg_id))
+        self._unlink_entry(msg_id, where)
         _fsync_dir(self.root / where)
 
     def remove_batch(self, ids: Sequence[str]) -> list[Failure]:
@@ -343,13 +342,17 @@ class Spool:
         results: list[Failure] = [None] * len(ids)
         for index, msg_id in enumerate(ids):
             try:
-                _unlink(self.state_path(msg_id))
-                if not self.state_path(msg_id, DEAD).exists():
-                    _unlink(self.content_path(msg_id))
+                self._unlink_entry(msg_id, QUEUE)
             except OSError as exc:
                 results[index] = exc
         _fsync_dir(self.root / QUEUE)
         return results
+
+    def _unlink_entry(self, msg_id: str, where: str) -> None:
+        other = DEAD if where == QUEUE else QUEUE
+        _unlink(self.state_path(msg_id, where))
+        if not self.state_path(msg_id, other).exists():
+            _unlink(self.content_path(msg_id))
 
     def requeue(self, msg_id: str, now: float) -> Message:
         """Move a dead-letter record's recipients back into the queue, due now.
