@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/relay.yaml
 
-.PHONY: run test lint check-config system-venv bench bench-tools clean
+.PHONY: run test lint check-config system-venv bench bench-scale bench-tools clean
 
 $(BIN)/python:
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory system-venv
@@ -42,6 +42,12 @@ test: lint
 # a Markdown table and raw JSON in bench/results/. BENCH_ARGS=--runs 1 for a quick look.
 bench: $(VENV)/.installed bench-tools
 	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+# 1,000,000 deferred messages in a spool, then the relay started on it: first delivery, the
+# scheduler's RSS, `relay queue summary` (bench/results/scale.json; about 20 minutes, most of
+# it writing and removing two million files). SCALE_ARGS="--messages 100000" for a quick look.
+bench-scale: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/scale.py $(SCALE_ARGS)
 
 # Debian's postfix, installed without configuring the system's own mail service.
 bench-tools:

@@ -5,6 +5,8 @@ Markdown table and the raw JSON under bench/results/ (every loop bounded in coun
 from __future__ import annotations
 
 import argparse
+import asyncio
+import io
 import json
 import os
 import platform
@@ -28,12 +30,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import paced  # noqa: E402
+
 from tests.support.daemon import Relay, free_port  # noqa: E402
 
 SINK_IP = "127.0.0.3"
 SENDER, RCPT = "bench@source.test", "user@sink.test"
 PROBE_EVERY = 0.05  # seconds between latency probes while smtp-source loads the server
 COUNT_RE = re.compile(rb"mesg=(\d+)")
+HALF_BASIS = 20  # sessions whose max rate the half-load cases take half of
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,9 @@ class Sink:
         wait_port(SINK_IP, self.port)
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(65536):
+        stdout = self.proc.stdout
+        assert isinstance(stdout, io.BufferedReader)
+        while chunk := stdout.read1(65536):
             found = COUNT_RE.findall(chunk)
             if found:
                 self.count = int(found[-1])
@@ -202,11 +208,16 @@ def probe(port: int, body: bytes) -> float:
     return time.perf_counter() - started
 
 
+def message(size: int) -> bytes:
+    """The probe's and the paced load's message: a header and `size` bytes or so of text."""
+    return b"Subject: probe\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
+
+
 def measure(system: Any, sink: Sink, case: Case, limit: float) -> dict[str, Any]:
     """Load the system with smtp-source; time acceptance and the sink's count; sample RSS
     and accept latency (a probe message every PROBE_EVERY s) meanwhile."""
     deadline = time.monotonic() + limit
-    body = b"Subject: probe\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, case.size // 78)
+    body = message(case.size)
     latencies: list[float] = []
     failures: list[str] = []
     peak = [0]
@@ -256,18 +267,93 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-def run_one(name: str, case: Case, limit: float) -> dict[str, Any]:
+@contextmanager
+def instance(name: str) -> Iterator[tuple[Any, Sink]]:
+    """A fresh sink and a fresh system under test relaying to it, both stopped afterwards."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         os.chmod(tmp, 0o755)  # Postfix's unprivileged processes must reach their queue
         sink = Sink()
         system: Any = None
         try:
             system = (Postfix if name == "postfix" else RelayUnderTest)(Path(tmp), sink.port)
-            return measure(system, sink, case, limit)
+            yield system, sink
         finally:
             if system is not None:
                 system.close()
             sink.close()
+
+
+def run_one(name: str, case: Case, limit: float) -> dict[str, Any]:
+    with instance(name) as (system, sink):
+        return measure(system, sink, case, limit)
+
+
+def measure_half(system: Any, sink: Sink, size: int, rate: float, args: Any) -> dict[str, Any]:
+    """Paced open-loop load (bench/paced.py) at `rate`, then wait for the sink to have it all."""
+    deadline = time.monotonic() + args.max_seconds
+    start_count = sink.count
+    load = paced.paced(system.port, rate, (SENDER, RCPT), message(size), args.half_seconds,
+                       args.max_seconds)  # fmt: skip
+    out = asyncio.run(load)
+    lat = out.latencies
+    return {
+        "messages": out.messages,
+        "accepted": len(lat),
+        "errors": out.errors,
+        "late": out.late,
+        "failures": out.failures[:3],
+        "achieved_per_s": round(paced.achieved_per_s(out), 1),
+        **{f"accept_{name}_ms": round(percentile(lat, q) * 1000, 2) if lat else None
+           for name, q in (("p50", 0.5), ("p99", 0.99), ("p999", 0.999))},
+        "accept_max_ms": round(lat[-1] * 1000, 2) if lat else None,
+        "complete": sink.wait_for(start_count + len(lat), deadline),
+    }  # fmt: skip
+
+
+def half_rates(raw: list[dict[str, Any]], sizes: list[int]) -> dict[int, tuple[float, int]]:
+    """Per size: half the relay's median accepted/s at HALF_BASIS sessions (else the most
+    sessions measured), and the sessions it was taken at."""
+    rates = {}
+    for size in sizes:
+        measured = {r["sessions"] for r in select(raw, "max_rate", "relay", size=size)}
+        if not measured:
+            continue
+        basis = HALF_BASIS if HALF_BASIS in measured else max(measured)
+        accept = median_of(select(raw, "max_rate", "relay", size=size, sessions=basis),
+                           "accept_per_s")  # fmt: skip
+        rates[size] = (round((accept or 0) / 2, 1), basis)
+    return rates
+
+
+def alternate(runs: int) -> Iterator[tuple[int, str]]:
+    """(run, system) in the order run: relay first on even runs, Postfix first on odd ones."""
+    for run in range(runs):
+        for name in ("relay", "postfix") if run % 2 == 0 else ("postfix", "relay"):
+            yield run, name
+
+
+def run_cases(cases: list[Case], args: Any) -> list[dict[str, Any]]:
+    raw: list[dict[str, Any]] = []
+    for case in cases:
+        for run, name in alternate(args.runs):
+            measured = run_one(name, case, args.max_seconds)
+            raw.append({"kind": "max_rate", "system": name, "run": run, **vars(case), **measured})
+            print(json.dumps(raw[-1]), flush=True)
+    return raw
+
+
+def run_half(rates: dict[int, tuple[float, int]], args: Any) -> list[dict[str, Any]]:
+    raw: list[dict[str, Any]] = []
+    for size, (rate, basis) in rates.items():
+        if rate <= 0:
+            continue
+        for run, name in alternate(args.runs):
+            with instance(name) as (system, sink):
+                measured = measure_half(system, sink, size, rate, args)
+            head = {"kind": "half_load", "system": name, "run": run, "size": size}
+            raw.append({**head, "basis_sessions": basis, "rate_per_s": rate, **measured})
+            print(json.dumps(raw[-1]), flush=True)
+    return raw
 
 
 def main() -> None:
@@ -277,27 +363,32 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,20,100", help="comma-separated")
     parser.add_argument("--sizes", default="1024,102400", help="bytes, comma-separated")
     parser.add_argument("--max-seconds", type=float, default=90.0, help="per run")
+    parser.add_argument("--half-seconds", type=float, default=15.0,
+                        help="each paced run at 50%% of the relay's max rate")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--scale", help="scale results (bench/scale.py); default OUT/scale.json")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite OUT/latest.md from OUT/latest.json, run nothing")  # fmt: skip
     args = parser.parse_args()
+    out = Path(args.out)
+    scale = Path(args.scale) if args.scale else out / "scale.json"
+    if args.render_only:
+        publish(out, json.loads((out / "latest.json").read_text()), scale)
+        return
     if shutil.which("smtp-source") is None:
         sys.exit("bench: smtp-source not found; `make bench` installs Debian's postfix")
+    sizes = [int(size) for size in args.sizes.split(",")]
     cases = [
         Case(size, sessions, args.messages if size <= 10_240 else max(1, args.messages // 2))
-        for size in map(int, args.sizes.split(","))
+        for size in sizes
         for sessions in map(int, args.sessions.split(","))
     ]
-    raw: list[dict[str, Any]] = []
-    for case in cases:
-        for run in range(args.runs):
-            for name in ("relay", "postfix") if run % 2 == 0 else ("postfix", "relay"):
-                measured = run_one(name, case, args.max_seconds)
-                result = {"system": name, "run": run, **vars(case), **measured}
-                raw.append(result)
-                print(json.dumps(result), flush=True)
-    write(Path(args.out), raw, cases)
+    raw = run_cases(cases, args)
+    raw += run_half(half_rates(raw, sizes), args)
+    write(out, raw, scale)
 
 
-def write(out: Path, raw: list[dict[str, Any]], cases: list[Case]) -> None:
+def write(out: Path, raw: list[dict[str, Any]], scale: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     version = subprocess.run(
         ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
@@ -307,10 +398,21 @@ def write(out: Path, raw: list[dict[str, Any]], cases: list[Case]) -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "postfix": version.stdout.strip(),
     }
-    (out / "latest.json").write_text(json.dumps({**meta, "runs": raw}, indent=1) + "\n")
-    table = render(raw, cases, meta)
-    (out / "latest.md").write_text(table)
-    print(table)
+    results = {**meta, "runs": raw}
+    (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
+    publish(out, results, scale)
+
+
+def publish(out: Path, results: dict[str, Any], scale: Path) -> None:
+    """Render latest.md from the results (and scale.json when there is one); print it."""
+    scaled = json.loads(scale.read_text()) if scale.is_file() else None
+    raw = results["runs"]
+    cases = list(dict.fromkeys(
+        Case(r["size"], r["sessions"], r["messages"]) for r in raw
+        if r.get("kind", "max_rate") == "max_rate"))  # fmt: skip
+    text = render(raw, cases, results, scaled)
+    (out / "latest.md").write_text(text)
+    print(text)
 
 
 METRICS = (
@@ -318,14 +420,24 @@ METRICS = (
     ("accept_p50_ms", "accept p50 ms"), ("accept_p99_ms", "accept p99 ms"),
     ("peak_rss_mib", "peak RSS MiB"),
 )  # fmt: skip
+HALF_METRICS = (("accept_p50_ms", "accept p50 ms"), ("accept_p99_ms", "accept p99 ms"))
+SYSTEMS = ("relay", "postfix")
 
 
-def render(raw: list[dict[str, Any]], cases: list[Case], meta: dict[str, str]) -> str:
-    """Median of the runs per case and system, and the relay/Postfix ratio of each."""
-    lines = [
+def render(raw: list[dict[str, Any]], cases: list[Case], meta: dict[str, Any], scale: Any) -> str:
+    """The targets, then the median of the runs per case and system and the relay/Postfix
+    ratio of each: at max rate (smtp-source), then at 50% of the relay's max rate (paced)."""
+    return "\n".join([
         f"Benchmark {meta['date']} on {meta['machine']}; Postfix {meta['postfix']}. "
         "Median of each system's runs (alternating); ratio = relay / Postfix.",
-        "",
+        "", *render_targets(raw, scale),
+        "", "## Max rate (smtp-source)", "", *render_max(raw, cases),
+        "", "## Accept latency at 50% of the relay's max rate", "", *render_half(raw),
+    ]) + "\n"  # fmt: skip
+
+
+def render_max(raw: list[dict[str, Any]], cases: list[Case]) -> list[str]:
+    lines = [
         "| size | sessions | messages | " + " | ".join(
             f"{title} relay | Postfix | ratio" for _, title in METRICS) + " |",
         "|---|---|---|" + "---|---|---|" * len(METRICS),
@@ -333,16 +445,127 @@ def render(raw: list[dict[str, Any]], cases: list[Case], meta: dict[str, str]) -
     for case in cases:
         cells = [f"{case.size // 1024} KiB", str(case.sessions), str(case.messages)]
         for key, _ in METRICS:
-            relay, postfix = (median(raw, case, name, key) for name in ("relay", "postfix"))
-            ratio = f"{relay / postfix:.2f}x" if relay and postfix else "-"
-            cells += [fmt(relay), fmt(postfix), ratio]
+            cells += compared(raw, "max_rate", key, size=case.size, sessions=case.sessions)
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
-def median(raw: list[dict[str, Any]], case: Case, system: str, key: str) -> float | None:
-    values = [r[key] for r in raw if r["system"] == system and r["size"] == case.size
-              and r["sessions"] == case.sessions and r[key] is not None]  # fmt: skip
+def render_half(raw: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "Open loop (bench/paced.py): one message per new connection, message i started at "
+        "t0 + i/rate whatever the others are doing, latency from its scheduled start to the "
+        "250 after DATA; rate = 50% of the relay's median accepted/s at the sessions shown. "
+        "Errors (not accepted) and late starts (> 10 ms behind schedule) summed over the runs.",
+        "",
+        "| size | sessions | rate/s | messages | achieved/s relay | Postfix | "
+        + " | ".join(f"{title} relay | Postfix | ratio" for _, title in HALF_METRICS)
+        + " | errors relay | Postfix | late relay | Postfix |",
+        "|---|---|---|---|---|---|" + "---|---|---|" * len(HALF_METRICS) + "---|---|---|---|",
+    ]
+    for size, rate, basis in half_cases(raw):
+        rows = {name: select(raw, "half_load", name, size=size) for name in SYSTEMS}
+        cells = [f"{size // 1024} KiB", str(basis), fmt(rate), fmt(rows["relay"][0]["messages"])]
+        cells += [fmt(median_of(rows[name], "achieved_per_s")) for name in SYSTEMS]
+        for key, _ in HALF_METRICS:
+            cells += compared(raw, "half_load", key, size=size)
+        cells += [str(sum(r[key] for r in rows[name])) for key in ("errors", "late")
+                  for name in SYSTEMS]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines if len(lines) > 4 else [*lines[:2], "Not measured."]
+
+
+def half_cases(raw: list[dict[str, Any]]) -> list[tuple[int, float, int]]:
+    """(size, rate, basis sessions) of each half-load case, in the order run."""
+    return list(dict.fromkeys((r["size"], r["rate_per_s"], r["basis_sessions"]) for r in raw
+                              if r.get("kind") == "half_load"))  # fmt: skip
+
+
+SIZE_TARGETS = ((1024, 2.0), (102_400, 1.5))  # end to end at HALF_BASIS sessions: x Postfix
+SCALE_TARGETS = (  # key in scale.json, label, limit, unit
+    ("scheduler_rss_mib", "scheduler RSS", 1024.0, "MiB"),
+    ("restart_to_first_delivery_s", "restart to first delivery", 15.0, "s"),
+    ("summary_s", "`relay queue summary`", 10.0, "s"),
+)
+
+
+def render_targets(raw: list[dict[str, Any]], scale: Any) -> list[str]:
+    lines = ["## Targets", "", "| target | relay | Postfix | ratio | goal | status |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for size, goal in SIZE_TARGETS:
+        cells = compared(raw, "max_rate", "end_to_end_per_s", size=size, sessions=HALF_BASIS)
+        label = f"{size // 1024} KiB, {HALF_BASIS} sessions: end to end/s"
+        value = ratio(raw, "max_rate", "end_to_end_per_s", size=size, sessions=HALF_BASIS)
+        lines.append(row([label, *cells, f"≥ {goal:.1f}x Postfix"], value, goal, True))
+    rates = {size: f" ({rate:g}/s)" for size, rate, _ in half_cases(raw)}
+    for size in dict.fromkeys([*(r["size"] for r in raw), *rates]):
+        cells = compared(raw, "half_load", "accept_p99_ms", size=size)
+        rate = rates.get(size, "")
+        label = f"{size // 1024} KiB: accept p99 ms at 50% of the relay's max rate{rate}"
+        value = ratio(raw, "half_load", "accept_p99_ms", size=size)
+        lines.append(row([label, *cells, "≤ Postfix's"], value, 1.0, False))
+    lines += render_scale(scale)
+    return lines
+
+
+def render_scale(scale: Any) -> list[str]:
+    lines = []
+    for key, label, limit, unit in SCALE_TARGETS:
+        value = scale.get(key) if isinstance(scale, dict) else None
+        if not isinstance(value, int | float):
+            lines.append(f"| {label} | not measured (run `make bench-scale`) | - | - | "
+                         f"≤ {limit:g} {unit} | not measured |")  # fmt: skip
+            continue
+        cell = f"{value:g} {unit}"
+        if key == "summary_s" and scale.get("summary_offline_s") is not None:
+            cell += f" (offline {scale['summary_offline_s']:g} s)"
+        if key == "scheduler_rss_mib" and scale.get("messages") is not None:
+            label += f", {scale['messages']:,} messages queued"
+        lines.append(row([label, cell, "-", "-", f"≤ {limit:g} {unit}"], value, limit, False))
+    if isinstance(scale, dict) and scale.get("measured_at"):
+        lines += ["", f"Scale rows: bench/scale.py, measured {scale['measured_at']}."]
+    return lines
+
+
+def row(cells: list[str], value: float | None, goal: float, at_least: bool) -> str:
+    """A target row with its status: met, or how far the value is from the goal."""
+    if value is None:
+        status = "not measured"
+    elif value >= goal if at_least else value <= goal:
+        status = "met"
+    else:
+        status = f"not met ({value / goal:.2f}x of target)"
+    return "| " + " | ".join([*cells, status]) + " |"
+
+
+def medians(
+    raw: list[dict[str, Any]], kind: str, key: str, **match: Any
+) -> tuple[float | None, float | None]:
+    """The relay's and Postfix's median of `key` over the matching runs."""
+    relay, postfix = (median_of(select(raw, kind, name, **match), key) for name in SYSTEMS)
+    return relay, postfix
+
+
+def ratio(raw: list[dict[str, Any]], kind: str, key: str, **match: Any) -> float | None:
+    relay, postfix = medians(raw, kind, key, **match)
+    return relay / postfix if relay is not None and postfix else None
+
+
+def compared(raw: list[dict[str, Any]], kind: str, key: str, **match: Any) -> list[str]:
+    """Relay median, Postfix median, relay / Postfix."""
+    relay, postfix = medians(raw, kind, key, **match)
+    share = ratio(raw, kind, key, **match)
+    return [fmt(relay), fmt(postfix), "-" if share is None else f"{share:.2f}x"]
+
+
+def select(raw: list[dict[str, Any]], kind: str, system: str, **match: Any) -> list[dict[str, Any]]:
+    """The runs of one kind ("max_rate": smtp-source; "half_load": paced) and system matching
+    every field given; runs from before "kind" existed are max-rate runs."""
+    return [r for r in raw if r.get("kind", "max_rate") == kind and r["system"] == system
+            and all(r.get(field) == value for field, value in match.items())]  # fmt: skip
+
+
+def median_of(rows: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
 
 

@@ -438,7 +438,11 @@ def queue_summary(spool: Spool, args: argparse.Namespace) -> int:
     destinations that are busy, throttled or suspended."""
     if args.top is not None and args.top < 0:
         raise Fail("--top: must be 0 or more", EX_USAGE)
-    shape = summary.summarize(iter_messages(spool, QUEUE), time.time(), top=args.top)
+    indexed = control.inspect(spool, "summary")
+    if indexed is not None and indexed["indexed"]:  # the running scheduler's index: no file read
+        shape = summary.from_json(indexed["summary"], args.top)
+    else:
+        shape = summary.summarize(iter_messages(spool, QUEUE), time.time(), top=args.top)
     live = control.inspect(spool, "destinations")
     dests = [] if live is None else live["destinations"]
     if args.json:

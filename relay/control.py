@@ -57,6 +57,8 @@ async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) 
         return scheduler.reasons()
     if op == "destinations":
         return {"destinations": scheduler.destination_report()}
+    if op == "summary":
+        return await scheduler.shape()
     target, domain = str(request["target"]), request.get("domain")
     if op in OPS:
         return await scheduler.operate(op, target, domain)
@@ -139,7 +141,8 @@ def request(spool: Spool, op: str, target: str, domain: str | None = None) -> Re
 
 
 def inspect(spool: Spool, op: str) -> Any:
-    """The running scheduler's view (op: reasons, destinations), or None when it is stopped."""
+    """The running scheduler's view (op: reasons, destinations, summary), or None when it is
+    stopped."""
     with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
         if offline:
             return None

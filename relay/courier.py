@@ -33,7 +33,7 @@ from relay.resolver import Host, Route
 from relay.shapeconfig import Smarthost
 from relay.tlspolicy import OPPORTUNISTIC, REQUIRED, VERIFY, Policy, TlsPolicy
 
-CHUNK_SIZE = 64 * 1024
+CHUNK_SIZE = 256 * 1024
 CRLF = b"\r\n"
 # RFC 6531: a message that needs SMTPUTF8 is never downgraded in transit; X.6.7 is its code.
 NO_SMTPUTF8 = Reply(553, "5.6.7", "message needs SMTPUTF8, which the receiving server lacks")
@@ -492,10 +492,13 @@ async def _stream(protocol: SMTPProtocol, body: BinaryIO) -> bytes:
     still to send: the data must end in CRLF before the final "." line (RFC 5321 §4.1.1.4)."""
     body.seek(0)
     tail = CRLF  # the start of the data is the start of a line
-    while chunk := await asyncio.to_thread(body.read, CHUNK_SIZE):
-        await _write(protocol, dot_stuff(tail, chunk))
-        tail = (tail + chunk)[-2:]
-    return b".\r\n" if tail == CRLF else b"\r\n.\r\n"
+    while True:
+        chunk = await asyncio.to_thread(body.read, CHUNK_SIZE)
+        if chunk:
+            await _write(protocol, dot_stuff(tail, chunk))
+            tail = (tail + chunk)[-2:]
+        if len(chunk) < CHUNK_SIZE:  # a short read is the end: no extra thread hop to see it
+            return b".\r\n" if tail == CRLF else b"\r\n.\r\n"
 
 
 def dot_stuff(tail: bytes, chunk: bytes) -> bytes:

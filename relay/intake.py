@@ -20,7 +20,7 @@ from relay.config import Config, ConfigError, why
 from relay.groupcommit import GroupCommit
 from relay.guard import REPLY_BANNED, Guard, client_address
 from relay.resolver import address_literal
-from relay.session import KINDS, REPLY_SHUTTING_DOWN, Credentials, RelaySMTP
+from relay.session import KINDS, REPLY_SHUTTING_DOWN, Credentials, RelaySMTP, hook_names
 from relay.spool import Message, Recipient, Spool, new_id
 
 DOMAIN_RE = re.compile(
@@ -75,6 +75,10 @@ def signer(cfg: Config) -> dkim.Signer | None:
 
 class IntakeHandler:
     """aiosmtpd hooks: relay policy at RCPT, sender ownership, limits, the durable write."""
+
+    def __dir__(self) -> list[str]:
+        """Only the hooks aiosmtpd looks for, as RelaySMTP.__dir__ (it scans us per session)."""
+        return hook_names(type(self), ("handle_", "auth_"))
 
     def __init__(self, cfg: Config, spool: Spool, notify: Callable[[str], None]) -> None:
         self.spool = spool

@@ -23,7 +23,7 @@ EVENTS = frozenset(
         # what a library logs through Python's logging (aiosmtpd, asyncio), as JSON too
         "library",
         # spool and lifecycle
-        "quarantined", "recovered", "started", "ready", "stopping", "stopped",
+        "quarantined", "recovered", "indexed", "started", "ready", "stopping", "stopped",
         "child_exited", "child_restarting", "error",
     }
 )  # fmt: skip

@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import heapq
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from relay import logs, metrics
+from relay import logs, metrics, summary
 from relay.backoff import next_delay
 from relay.classify import Verdict, classify
 from relay.config import Config
@@ -42,6 +43,9 @@ TICK = 1.0
 # How long a recipient domain's destination (its limits' owner, learnt from its MX) is kept.
 DESTINATION_TTL = 300.0
 DESTINATION_CACHE = 100_000
+# State files loaded per worker-thread call while scanning: dispatch goes on between batches, so
+# a restart over a large queue delivers new mail long before the whole queue is indexed.
+SCAN_BATCH = 2000
 STATUS_OF = {
     Verdict.DELIVERED: "delivered",
     Verdict.TEMPORARY: "deferred",
@@ -57,6 +61,7 @@ class Entry:
 
     id: str
     born: float  # UTC start of its max_age window
+    queued: float  # UTC arrival (the summary's age)
     attempts: int = 0
     last_attempt: float = 0.0
     held: bool = False
@@ -147,6 +152,8 @@ class Scheduler:
         self.tasks: set[asyncio.Task[None]] = set()
         self.waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
         self.incoming: list[str] = []
+        self.scanning: asyncio.Task[None] | None = None
+        self.indexed = False  # the first scan has adopted the whole queue
         self.stopping = False
         metrics.prime(cfg.provider_names())
 
@@ -162,7 +169,7 @@ class Scheduler:
         last = max((r.last_attempt or 0.0 for r in msg.recipients), default=0.0)
         now = time.time()
         entry = Entry(
-            msg.id, msg.born, msg.attempts, last, msg.held,
+            msg.id, msg.born, msg.queued_at, msg.attempts, last, msg.held,
             scheduled=msg.scheduled(now), quota=msg.over_quota(now),
             lane=msg.lane if msg.lane in LANES else "normal",
             domains=pending_domains(msg),
@@ -188,17 +195,33 @@ class Scheduler:
             self.states[entry.state] -= 1
 
     async def scan(self) -> None:
-        """Adopt every state file not yet indexed; the backstop for lost wake-ups."""
+        """Adopt every state file not yet indexed, in batches; the backstop for lost wake-ups."""
         indexed = set(self.index)  # before listing: what a wake-up adopts meanwhile is not gone
         on_disk = await asyncio.to_thread(self.spool.ids, QUEUE)
         fresh = [i for i in on_disk if i not in self.index]
-        loaded = await asyncio.to_thread(self._load_many, fresh)
-        for msg_id, msg in loaded:
-            await self._adopt_loaded(msg_id, msg)
+        for start in range(0, len(fresh), SCAN_BATCH):
+            batch = fresh[start : start + SCAN_BATCH]
+            for msg_id, msg in await asyncio.to_thread(self._load_many, batch):
+                await self._adopt_loaded(msg_id, msg)
         for msg_id in indexed - set(on_disk):
             entry = self.index.get(msg_id)
             if entry is not None and not entry.running:
                 self._drop(msg_id)
+
+    async def _first_scan(self) -> None:
+        started = time.monotonic()
+        await self.scan()
+        self.indexed = True
+        seconds = round(time.monotonic() - started, 3)
+        logs.event("indexed", messages=len(self.index), seconds=seconds)
+
+    async def shape(self) -> dict[str, Any]:
+        """The qshape summary from the index, reading no file, once the first scan is done."""
+        if not self.indexed:
+            return {"indexed": False}
+        shapes = [(entry.queued, entry.domains) for entry in self.index.values()]
+        counted = await asyncio.to_thread(summary.count, shapes, time.time())
+        return {"indexed": True, "summary": counted.as_json()}
 
     def notice(self, msg_id: str) -> None:
         """A wake-up from intake: adopt msg_id on the next turn of the loop, with its peers."""
@@ -241,8 +264,9 @@ class Scheduler:
     # --- dispatch ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Dispatch due messages until stop(); rescan the queue every scan_interval."""
-        await self.scan()
+        """Dispatch due messages until stop(), indexing the queue meanwhile (the first scan) and
+        rescanning it every scan_interval."""
+        self.scanning = self._scan_task(self._first_scan())
         next_scan = time.monotonic() + self.cfg.delivery.scan_interval
         next_tick = time.monotonic()
         while not self.stopping:
@@ -251,13 +275,21 @@ class Scheduler:
             self._dispatch_due()
             self._start_ready()
             now = time.monotonic()
-            if now >= next_scan:
-                await self.scan()
-                next_scan = now + self.cfg.delivery.scan_interval
+            if self.scanning.done():
+                self.scanning.result()  # a failed scan ends the loop: the worker is restarted
+                if now >= next_scan:
+                    self.scanning = self._scan_task(self.scan())
+                    next_scan = now + self.cfg.delivery.scan_interval
             if now >= next_tick:
                 await self._tick()
                 next_tick = now + TICK
-            await self._sleep(min(next_scan, next_tick, self._next_wake()))
+            rescan = next_scan if self.scanning.done() else float("inf")  # it wakes us at its end
+            await self._sleep(min(rescan, next_tick, self._next_wake()))
+
+    def _scan_task(self, scan: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(scan)
+        task.add_done_callback(lambda _: self.wake.set())
+        return task
 
     def _next_wake(self) -> float:
         """The heap's next due time, or when a waiting destination opens (rate slot or end of a
@@ -421,6 +453,9 @@ class Scheduler:
         rest; returns how many were cut (their recipients are retried after a restart)."""
         self.stopping = True
         self.wake.set()
+        if self.scanning is not None:
+            self.scanning.cancel()
+            await asyncio.gather(self.scanning, return_exceptions=True)
         if self.tasks:
             await asyncio.wait(set(self.tasks), timeout=grace)
         cut = await self.cut()
@@ -792,7 +827,8 @@ class Scheduler:
 
 
 def pending_domains(msg: Message) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(r.domain for r in msg.pending()))
+    """Interned: a million queued messages to a few domains share their names' memory."""
+    return tuple(dict.fromkeys(sys.intern(r.domain) for r in msg.pending()))
 
 
 def describe(dest: Destination, cfg: Config, now: float) -> str:

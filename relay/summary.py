@@ -60,20 +60,35 @@ def bucket(age_seconds: float) -> int:
 
 def summarize(messages: Iterable[Message], now: float, *, top: int | None = None) -> Summary:
     """Count the messages with a pending recipient by domain and age (see the module doc)."""
+    return count(((m.queued_at, {r.domain for r in m.pending()}) for m in messages), now, top=top)
+
+
+Shape = tuple[float, Iterable[str]]  # a queued message's arrival and pending recipient domains
+
+
+def count(shapes: Iterable[Shape], now: float, *, top: int | None = None) -> Summary:
+    """summarize() over (queued_at, pending recipient domains) pairs, as the running
+    scheduler's index keeps them (so a live summary reads no file)."""
     if top is not None and top < 0:
         raise ValueError(f"top must be at least 0, not {top}")
     total = [0] * len(LABELS)
     by_domain: dict[str, list[int]] = {}
-    for msg in messages:
-        domains = {r.domain for r in msg.pending()}
+    for queued_at, domains in shapes:
         if not domains:
             continue
-        i = bucket(now - msg.queued_at)
+        i = bucket(now - queued_at)
         total[i] += 1
         for domain in domains:
             by_domain.setdefault(domain, [0] * len(LABELS))[i] += 1
     rows = sorted((_row(d, c) for d, c in by_domain.items()), key=lambda r: (-r.total, r.domain))
     return Summary((_row(TOTAL, total), *rows[:top]))
+
+
+def from_json(data: dict[str, Any], top: int | None = None) -> Summary:
+    """A Summary back from as_json() (the running scheduler's answer), keeping `top` domains."""
+    rows = [Row(r["domain"], r["total"], tuple(r["buckets"][label] for label in LABELS))
+            for r in data["rows"]]  # fmt: skip
+    return Summary((rows[0], *rows[1:][:top]))
 
 
 def render(summary: Summary) -> str:

@@ -113,12 +113,13 @@ def test_recover_cleans_what_was_never_acknowledged(spool: Spool) -> None:
     headless = accepted(spool)
     spool.content_path(headless.id).unlink()
     counts = spool.recover()
-    assert counts == {"temp_removed": 1, "orphans_removed": 1, "quarantined": 2}
-    assert spool.ids() == [good.id]
-    corrupt = sorted(os.listdir(spool.root / "corrupt"))
-    assert corrupt == sorted(
-        [f"queue.{torn.id}.json", f"queue.{torn.id}", f"queue.{headless.id}.json"]
-    )
+    assert counts == {"temp_removed": 1, "orphans_removed": 1, "quarantined": 1}
+    assert os.listdir(spool.root / "corrupt") == [f"queue.{headless.id}.json"]
+    # recover() reads no state file (seconds for a million); the torn one is quarantined by
+    # its first reader, the scheduler's index (test_crash_e2e), and never loads as a message.
+    assert spool.ids() == sorted([good.id, torn.id])
+    with pytest.raises(CorruptEntry):
+        spool.load(torn.id)
 
 
 def test_corrupt_dead_record_is_quarantined_without_the_queued_content(spool: Spool) -> None:
