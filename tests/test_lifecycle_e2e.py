@@ -3,6 +3,7 @@ SIGHUP reloads, systemd's notify protocol and unit file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from relay.spool import Message, Recipient, Spool
 from tests.support.daemon import Relay, RelayFactory
 from tests.support.mx import HANG, MxSink
 
@@ -212,3 +214,30 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
                       "ProtectSystem=strict", "NoNewPrivileges=yes",
                       "AmbientCapabilities=CAP_NET_BIND_SERVICE", "ReadWritePaths=/var/spool/relay"):  # fmt: skip
         assert directive in unit
+
+
+def test_start_over_a_large_queue_delivers_new_mail_and_indexes_everything(
+    relay: RelayFactory, sink: MxSink
+) -> None:
+    """Start-up reads no state file before the workers run, and the scheduler indexes the
+    queue in batches while it delivers; a live summary then counts the whole index."""
+    daemon = relay(start=False)
+    store = Spool(daemon.spool)
+    store.prepare()
+    now = time.time()
+    for i in range(5000):
+        msg_id = f"{int(now * 1000) - 100_000 + i:012x}{i:08x}"
+        rcpt = Recipient(f"user{i}@d{i % 7}.test", status="deferred", attempts=1)
+        msg = Message(msg_id, "app@a.test", [rcpt], now - 60, now + 3600, attempts=1)
+        store.content_path(msg_id).write_bytes(b"Subject: old\r\n\r\nold\r\n")
+        store.state_path(msg_id).write_text(json.dumps(msg.as_dict()))
+    daemon.start()
+    [recovered] = daemon.events("recovered")
+    assert recovered["quarantined"] == 0
+    daemon.send(["new@a.test"])
+    sink.wait_for(1)
+    [indexed] = daemon.wait_event("indexed", timeout=60)
+    assert indexed["messages"] >= 5000
+    rows = json.loads(daemon.cli("queue", "summary", "--json").stdout)["rows"]
+    totals = {row["domain"]: row["total"] for row in rows}
+    assert sum(totals[f"d{k}.test"] for k in range(7)) == 5000 <= totals["TOTAL"]

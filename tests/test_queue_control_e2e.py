@@ -101,6 +101,9 @@ def test_summary_is_qshape(
     text = daemon.cli("queue", "summary").stdout.splitlines()
     assert text[0].split()[:3] == ["T", "5", "10"]
     assert text[1].split()[:3] == ["TOTAL", "2", "2"] and text[2].split()[:2] == ["b.test", "2"]
+    assert daemon.stop() == 0  # the same counts read from the files instead of the index
+    offline = json.loads(daemon.cli("queue", "summary", "--json").stdout)
+    assert offline["rows"] == json.loads(shape.stdout)["rows"] and offline["daemon"] is False
 
 
 def test_show_has_the_full_attempt_history(relay: RelayFactory, sink: MxSink) -> None:
