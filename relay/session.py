@@ -51,6 +51,15 @@ MAX_REPLY = 510
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all C0 controls but TAB, and DEL
 UNSAFE_IN_REPLY = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 KINDS = ("relay", "submission", "smtps")
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# The path nearly every client sends: <dot-atom@host name>, then nothing or a space and the
+# parameters. Anything else (quoted or UTF-8 local parts, address literals, comments, <>)
+# goes to aiosmtpd's RFC 5322 parser.
+PLAIN_PATH = re.compile(
+    rf"<(?P<addr>{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>(?: +(?P<rest>[^ \t(].*))?\Z",
+    re.S,
+)
 
 
 def syntax_problem(command: str, arg: str) -> str | None:
@@ -78,6 +87,13 @@ def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     if key not in _HOOKS:
         _HOOKS[key] = [name for name in dir(cls) if name.startswith(prefixes)]
     return _HOOKS[key]
+
+
+def plain_path(arg: str) -> tuple[str, str] | None:
+    """(address, parameters) of a plain MAIL/RCPT path as aiosmtpd's _getaddr gives them, or
+    None for anything that needs its full parser."""
+    match = PLAIN_PATH.match(arg)
+    return None if match is None else (match["addr"], match["rest"] or "")
 
 
 @dataclass(frozen=True)
@@ -228,6 +244,16 @@ class RelaySMTP(SMTP):
             await method(arg)  # type: ignore[arg-type]
 
         return checked
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's parser (email's RFC 5322 one, 70 µs a call, twice per message) for
+        anything but a plain path, which a regex reads the same way (tests/test_session.py
+        compares the two)."""
+        plain = plain_path(arg)
+        limit = self.local_part_limit
+        if plain is None or (limit and len(plain[0].rpartition("@")[0]) > limit):
+            return super()._getaddr(arg)
+        return plain
 
     # --- replies -----------------------------------------------------------------------------
 
