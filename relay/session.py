@@ -78,12 +78,12 @@ def syntax_problem(command: str, arg: str) -> str | None:
     return None
 
 
-_HOOKS: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+_HOOKS: dict[tuple[type, tuple[str, ...]], list[str]] = {}
 
 
 def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
     """The method names of cls that start with one of prefixes, found once per class."""
-    key = (f"{cls.__module__}.{cls.__qualname__}", prefixes)
+    key = (cls, prefixes)
     if key not in _HOOKS:
         _HOOKS[key] = [name for name in dir(cls) if name.startswith(prefixes)]
     return _HOOKS[key]
@@ -248,10 +248,9 @@ class RelaySMTP(SMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """aiosmtpd's parser (email's RFC 5322 one, 70 µs a call, twice per message) for
         anything but a plain path, which a regex reads the same way (tests/test_session.py
-        compares the two)."""
+        compares the two; a local-part limit, which we do not set, is left to aiosmtpd too)."""
         plain = plain_path(arg)
-        limit = self.local_part_limit
-        if plain is None or (limit and len(plain[0].rpartition("@")[0]) > limit):
+        if plain is None or self.local_part_limit:
             return super()._getaddr(arg)
         return plain
 
