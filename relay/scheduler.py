@@ -544,8 +544,11 @@ class Scheduler:
         entry.routes = ()
 
     async def _load_for_attempt(self, entry: Entry) -> Message | None:
+        """The message's state, read on the loop: a small file, most often in the page cache,
+        read faster than a hop to a worker thread and back (invariant 5 sends fsyncs and large
+        file I/O there)."""
         try:
-            return await asyncio.to_thread(self.spool.load, entry.id)
+            return self.spool.load(entry.id)
         except CorruptEntry as exc:
             self._drop(entry.id)
             await asyncio.to_thread(self.spool.quarantine, entry.id, QUEUE, str(exc))

@@ -24,6 +24,7 @@ QUEUE, DEAD, MSG, TMP, CORRUPT, RUN = "queue", "dead", "msg", "tmp", "corrupt", 
 STATE_SUFFIX = ".json"
 FINAL = frozenset({"delivered", "failed", "expired", "deleted"})
 HISTORY_LIMIT = 100  # attempts kept per recipient (the oldest are dropped beyond that)
+READ_SIZE = 64 * 1024  # bytes per read(2) of a state file (most fit in one)
 FAILED = frozenset({"failed", "expired"})
 Failure = BaseException | None  # a batch operation's result for one item
 _LIBC = ctypes.CDLL(None, use_errno=True)
@@ -294,8 +295,7 @@ class Spool:
     def load(self, msg_id: str, where: str = QUEUE) -> Message:
         path = self._state_file(msg_id, where)
         try:
-            with open(path, "rb") as file:
-                raw = file.read()
+            raw = _read(path)
         except FileNotFoundError:
             raise SpoolError(f"{msg_id}: not in {where}") from None
         except OSError as exc:
@@ -446,6 +446,18 @@ def iter_messages(spool: Spool, where: str) -> Iterator[Message]:
 
 def _encode(msg: Message) -> bytes:
     return json.dumps(msg.as_dict(), separators=(",", ":")).encode()
+
+
+def _read(path: str) -> bytes:
+    """A whole file by plain read(2)s: no buffer object, no tty probe, no seek."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        parts = [os.read(fd, READ_SIZE)]
+        while len(parts[-1]) == READ_SIZE:
+            parts.append(os.read(fd, READ_SIZE))
+    finally:
+        os.close(fd)
+    return b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -66,8 +66,11 @@ def reuse(max_messages: int = 100, idle_timeout: float = 5.0) -> ReuseConfig:
     return ReuseConfig(max_messages=max_messages, idle_timeout=idle_timeout)
 
 
-def test_one_connection_carries_several_messages_with_rset_between(mx: MxNet, mail: Path) -> None:
-    sink = mx.sink("127.0.0.2")
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_one_connection_carries_several_messages_with_rset_between(
+    mx: MxNet, mail: Path, pipelining: bool
+) -> None:
+    sink = mx.sink("127.0.0.2", pipelining=pipelining)
     before = connection_counts()
 
     codes = run(mx, send_times(mail, 4, route(sink)))
@@ -77,6 +80,9 @@ def test_one_connection_carries_several_messages_with_rset_between(mx: MxNet, ma
     assert sink.connections == 1 < 4
     transaction = ["MAIL", "RCPT", "DATA"]
     assert sink.commands == ["EHLO", *transaction] + ["RSET", *transaction] * 3 + ["QUIT"]
+    # Pipelined (RFC 2920), every command up to DATA arrived with the next ones behind it.
+    ahead = ["MAIL", "RCPT"] + ["RSET", "MAIL", "RCPT"] * 3
+    assert sink.pipelined == (ahead if pipelining else [])
     now = connection_counts()
     assert (now["opened"] - before["opened"], now["reused"] - before["reused"]) == (1, 3)
 
@@ -152,12 +158,15 @@ def test_a_session_the_server_closed_is_replaced_silently(mx: MxNet, mail: Path)
     assert (now["opened"] - before["opened"], now["reused"] - before["reused"]) == (2, 0)
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
 @pytest.mark.parametrize("rset", ["451 4.3.0 not now", "421 4.3.2 closing", DROP])
 def test_a_session_that_fails_rset_is_dropped_not_counted_as_a_try(
-    mx: MxNet, mail: Path, rset: str
+    mx: MxNet, mail: Path, rset: str, pipelining: bool
 ) -> None:
-    primary, secondary = mx.sink("127.0.0.2"), mx.sink("127.0.0.3")
+    primary = mx.sink("127.0.0.2", pipelining=pipelining)
+    secondary = mx.sink("127.0.0.3")
     primary.script_rset(rset, "250 2.0.0 OK")
+    before = connection_counts()
 
     codes = run(mx, send_times(mail, 3, route(primary, secondary)))
 
@@ -165,6 +174,41 @@ def test_a_session_that_fails_rset_is_dropped_not_counted_as_a_try(
     assert len(primary.wait_for(3)) == 3  # the primary was tried anew, not given up on
     assert primary.connections == 2
     assert secondary.connections == 0
+    now = connection_counts()  # the session that failed RSET carried nothing: not counted
+    assert (now["opened"] - before["opened"], now["reused"] - before["reused"]) == (2, 1)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_refused_sender_leaves_a_reusable_session(
+    mx: MxNet, mail: Path, pipelining: bool
+) -> None:
+    sink = mx.sink("127.0.0.2", pipelining=pipelining)
+    sink.script_mail("550 5.7.1 sender rejected", "250 2.1.0 ok")
+
+    codes = run(mx, send_times(mail, 2, route(sink)))
+
+    assert codes == [550, 250]
+    assert len(sink.wait_for(1)) == 1
+    assert sink.connections == 1
+
+
+def test_pipelined_replies_arriving_piecemeal_are_all_read(mx: MxNet, mail: Path) -> None:
+    """The server answers each of 200 pipelined RCPTs in its own write: every reply is read,
+    none lost between two reads (aiosmtplib alone drops what arrives in between)."""
+    sink = mx.sink("127.0.0.2")
+    recipients = [f"user{n}@example.test" for n in range(200)]
+    for refused in recipients[1::2]:
+        sink.script_rcpt(refused, "550 5.1.1 no such user")
+
+    async def scenario(courier: Courier) -> list[RecipientResult]:
+        size = mail.stat().st_size
+        return await courier.deliver(route(sink), SENDER, recipients, mail, size=size)
+
+    results = run(mx, scenario)
+
+    assert [r.reply.code for r in results] == [250, 550] * 100
+    assert sink.wait_for(1)[0].rcpt_tos == recipients[::2]
+    assert "RCPT" in sink.pipelined
 
 
 def test_a_421_after_data_is_not_pooled(mx: MxNet, mail: Path) -> None:

@@ -61,6 +61,8 @@ class _Handler:
         if not self.sink.esmtp:
             return ["502 5.5.1 EHLO not implemented, try HELO"]
         session.host_name = name
+        if self.sink.pipelining:  # aiosmtpd reads commands one by one whatever arrives together
+            return [replies[0], "250-PIPELINING", *replies[1:]]
         return replies
 
     async def handle_MAIL(
@@ -121,7 +123,7 @@ class _Server(SMTP):
         self.counted = False  # whether connected() was called and disconnected() not yet
         # aiosmtpd dispatches through this table; wrapping it logs every verb a client sends.
         self._smtp_methods = {
-            verb: _logged(sink, verb, method) for verb, method in self._smtp_methods.items()
+            verb: _logged(self, verb, method) for verb, method in self._smtp_methods.items()
         }
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,11 +140,12 @@ class _Server(SMTP):
 
 
 def _logged(
-    sink: MxSink, verb: str, method: Callable[[str], Awaitable[None]]
+    server: _Server, verb: str, method: Callable[[str], Awaitable[None]]
 ) -> Callable[[str], Awaitable[None]]:
     @functools.wraps(method)  # keeps the HELP text aiosmtpd attaches to the method
     async def logged(arg: str) -> None:
-        sink.command(verb)
+        # Bytes already waiting behind this command: the client pipelined (RFC 2920).
+        server.sink.command(verb, ahead=bool(server._reader._buffer))  # type: ignore[attr-defined]
         await method(arg)
 
     return logged
@@ -174,11 +177,14 @@ class MxSink:
         auth: dict[str, str] | None = None,
         auth_require_tls: bool = True,
         smtps: ssl.SSLContext | None = None,
+        pipelining: bool = True,
     ) -> None:
         """auth: users and passwords that AUTH (PLAIN, LOGIN) accepts; offered only after
         STARTTLS unless auth_require_tls is false (or the sink is smtps). smtps: serve TLS
-        from the first byte with this context (implicit TLS, RFC 8314)."""
+        from the first byte with this context (implicit TLS, RFC 8314). pipelining: announce
+        PIPELINING (RFC 2920), as most MX hosts do."""
         self.ip, self.port, self.esmtp = ip, port, esmtp
+        self.pipelining = pipelining
         self.smtps = smtps is not None
         self._smtps_context = smtps
         self.received: list[Received] = []
@@ -186,6 +192,7 @@ class MxSink:
         self.open_now = 0  # connections open now
         self.max_open = 0  # the most connections open at once
         self.commands: list[str] = []  # verbs received, in order, over all connections
+        self.pipelined: list[str] = []  # those that arrived with more bytes right behind them
         self._scripts: dict[str, _Script] = {}
         self._changed = threading.Condition()
         self._transports: list[asyncio.Transport] = []
@@ -271,9 +278,11 @@ class MxSink:
             self.received.append(message)
             self._changed.notify_all()
 
-    def command(self, verb: str) -> None:
+    def command(self, verb: str, ahead: bool) -> None:
         with self._changed:
             self.commands.append(verb)
+            if ahead:
+                self.pipelined.append(verb)
 
     def connected(self, transport: asyncio.Transport) -> None:
         with self._changed:
