@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import gc
 import os
 import secrets
 import signal
@@ -33,6 +34,7 @@ BIND_RETRY = 5.0
 HEARTBEAT = 1.0  # workers report "alive" this often
 STALE = 10.0  # a worker silent this long is not ready (and systemd's watchdog is not fed)
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+GC_YOUNG = 20_000  # container allocations between collections of the youngest generation
 
 
 class StartupError(Exception):
@@ -296,6 +298,7 @@ def worker(role: str, config_file: str | None, cfg: config.Config) -> int:
     """`relay worker ROLE`: one process of the daemon, started by the supervisor."""
     logs.configure(role)
     _die_with_parent()
+    _tune_gc()
     runner: Callable[[Worker], Coroutine[Any, Any, int]] = {
         "intake": run_intake,
         "scheduler": run_scheduler,
@@ -455,6 +458,14 @@ async def _schedule(w: Worker) -> int:
     await running
     logs.event("stopped", deliveries_cut=cut)
     return 0
+
+
+def _tune_gc() -> None:
+    """Fewer, cheaper cyclic collections: everything alive once the worker is set up (modules,
+    config) is frozen out of them, and the youngest generation is collected every GC_YOUNG
+    container allocations instead of 700. perf put the collector at 5% of the intake's CPU."""
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, 20, 20)
 
 
 def _die_with_parent() -> None:
