@@ -34,6 +34,9 @@ BIND_RETRY = 5.0
 HEARTBEAT = 1.0  # workers report "alive" this often
 STALE = 10.0  # a worker silent this long is not ready (and systemd's watchdog is not fed)
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
+# Accepting is what a client waits on; delivery can wait a moment: when both want the CPU the
+# intake gets it first (the scheduler runs at this nice value, the intake at the daemon's).
+SCHEDULER_NICE = 5
 GC_YOUNG = 20_000  # container allocations between collections of the youngest generation
 
 
@@ -299,6 +302,8 @@ def worker(role: str, config_file: str | None, cfg: config.Config) -> int:
     logs.configure(role)
     _die_with_parent()
     _tune_gc()
+    if role == "scheduler":
+        os.nice(SCHEDULER_NICE)
     runner: Callable[[Worker], Coroutine[Any, Any, int]] = {
         "intake": run_intake,
         "scheduler": run_scheduler,
