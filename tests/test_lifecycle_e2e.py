@@ -173,6 +173,18 @@ def test_sighup_with_a_broken_file_keeps_running(relay: RelayFactory, sink: MxSi
     sink.wait_for(1)
 
 
+def test_the_scheduler_yields_the_cpu_to_the_intake(relay: RelayFactory, sink: MxSink) -> None:
+    daemon = relay()
+
+    def nice(role: str) -> int:  # field 19 of /proc/PID/stat, counted after the ") "
+        stat = Path(f"/proc/{daemon.worker_pid(role)}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])
+
+    assert nice("scheduler") - nice("intake") == 5
+    daemon.send(["user@a.test"])
+    sink.wait_for(1)
+
+
 def test_systemd_notify_protocol(relay: RelayFactory, sink: MxSink, tmp_path: Path) -> None:
     """The messages systemd's Type=notify and WatchdogSec rely on, on a socket of our own."""
     path = str(tmp_path / "notify.sock")
