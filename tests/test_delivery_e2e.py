@@ -67,7 +67,7 @@ def test_451_then_250_is_retried_and_delivered(relay: RelayFactory, sink: MxSink
     daemon = relay()
     queue_id = daemon.send(["user@a.test"])
     [deferred] = daemon.wait_event("deferred", id=queue_id)
-    assert (deferred["code"], deferred["enhanced"]) == (451, "4.3.0")
+    assert (deferred["code"], deferred["enhanced"]) == (451, "4.3.0"), deferred
     listed = daemon.cli_json("queue", "list")
     if listed:  # still waiting for its second attempt: the listing says why
         rcpt = rcpt_of(listed[0], "user@a.test")
