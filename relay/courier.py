@@ -415,11 +415,7 @@ class Courier:
         if refusal is not None:
             return [peer.result(recipient, refusal) for recipient in message.recipients]
         replies = [await _rcpt(smtp, rcpt, message.encoding) for rcpt in message.recipients]
-        accepted = [classify(reply).verdict is Verdict.DELIVERED for reply in replies]
-        if any(accepted):
-            final = await self._data(smtp, message.body, message.size <= INLINE_READ)
-            replies = [final if ok else reply for ok, reply in zip(accepted, replies, strict=True)]
-        return [peer.result(r, reply) for r, reply in zip(message.recipients, replies, strict=True)]
+        return await self._deliver_data(smtp, peer, message, replies)
 
     async def _pipelined(
         self, smtp: SMTP, peer: _Peer, message: _Message, reset: bool
@@ -437,13 +433,27 @@ class Courier:
         replies = [
             _rcpt_reply(await pipelining.reply(group, timeout), rcpt) for rcpt in message.recipients
         ]
-        accepted = [classify(reply).verdict is Verdict.DELIVERED for reply in replies]
-        if refusal is not None or not any(accepted):
+        if refusal is not None:
             await self._no_data(smtp, group)
-            replies = replies if refusal is None else [refusal] * len(replies)
-        else:
+            return [peer.result(recipient, refusal) for recipient in message.recipients]
+        return await self._deliver_data(smtp, peer, message, replies, group)
+
+    async def _deliver_data(
+        self,
+        smtp: SMTP,
+        peer: _Peer,
+        message: _Message,
+        replies: list[Reply],
+        group: pipelining.Group | None = None,
+    ) -> list[RecipientResult]:
+        """After the RCPT replies: DATA and the body when a recipient was accepted (a pipelined
+        DATA without one is answered by _no_data); a result per recipient."""
+        accepted = [classify(reply).verdict is Verdict.DELIVERED for reply in replies]
+        if any(accepted):
             final = await self._data(smtp, message.body, message.size <= INLINE_READ, group)
             replies = [final if ok else reply for ok, reply in zip(accepted, replies, strict=True)]
+        elif group is not None:
+            await self._no_data(smtp, group)
         return [peer.result(r, reply) for r, reply in zip(message.recipients, replies, strict=True)]
 
     async def _data(
@@ -544,10 +554,10 @@ async def _rset_reply(smtp: SMTP, group: pipelining.Group, timeout: float) -> No
     """The reply to the RSET that opens a pooled session's group: _Stale (the session closed)
     unless it is 250."""
     try:
-        response = await pipelining.reply(group, timeout)
+        stale = (await pipelining.reply(group, timeout)).code != 250
     except (SMTPException, OSError):
-        response = SMTPResponse(-1, "")
-    if response.code != 250:
+        stale = True
+    if stale:
         smtp.close()
         raise _Stale
 
