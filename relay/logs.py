@@ -16,10 +16,11 @@ EVENTS = frozenset(
         # mail flow
         "received", "rejected", "attempt", "delivered", "deferred", "failed", "expired",
         "retry_scheduled", "dead_lettered", "quota_held", "throttle_changed",
+        "dns_query_failed",
         # operator actions
         "requeued", "deleted", "flushed", "held", "released", "reloaded", "reload_failed",
         # access
-        "authenticated", "auth_failed", "insecure_permissions",
+        "authenticated", "auth_failed", "insecure_permissions", "tls_failed",
         # what a library logs through Python's logging (aiosmtpd, asyncio), as JSON too
         "library",
         # spool and lifecycle

@@ -1,6 +1,7 @@
 """Resolver stage: turns a recipient domain into the ordered MX hosts and addresses to try
 (RFC 5321 §5.1, null MX RFC 7505), or into its configured smarthosts, behind a query limit and a
-TTL-bounded cache."""
+TTL-bounded cache. A host's A and AAAA queries stand alone: one that fails leaves the other's
+addresses usable (RFC 4074 servers mishandle AAAA), as in Postfix."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import dns.nameserver
 import dns.rdtypes.ANY.MX
 import dns.resolver
 
+from relay import logs
 from relay.classify import Reply, Verdict, classify
 from relay.config import Config, DnsConfig
 from relay.shapeconfig import Smarthost
@@ -26,6 +28,12 @@ from relay.shapeconfig import Smarthost
 CACHE_SIZE = 10_000
 # Upper bound for remembering a permanent answer (NXDOMAIN, null MX, no address records).
 PERMANENT_ERROR_TTL = 300.0
+# Upper bound for remembering the addresses of a host one of whose queries failed: a query that
+# times out then costs one wait a minute per host, not one per message, and an answer that comes
+# back is used within a minute (IPv4 goes first anyway). RFC 2308 §7.1 allows remembering a
+# server failure for up to five minutes.
+PARTIAL_ANSWER_TTL = 60.0
+ADDRESS_TYPES = ("A", "AAAA")  # in the order their addresses are tried: IPv4 first
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,17 @@ class Route:
 
 # What the cache holds: a domain's route, or the reply that settled it; a host name's addresses.
 Cached = Route | Reply | tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """What the A and AAAA queries for one name gave."""
+
+    found: tuple[str, ...]  # IPv4 addresses first, then IPv6
+    ttl: float  # how long found (or its absence) may be reused; 0: not at all
+    # The queries that failed, (type, error): SERVFAIL, REFUSED, a timeout, or an NXDOMAIN that
+    # the other type's addresses contradict. A query that failed contributes no TTL.
+    failed: tuple[tuple[str, dns.exception.DNSException], ...] = ()
 
 
 class ResolveError(Exception):
@@ -110,42 +129,44 @@ class Resolver:
         return Host(smarthost.host, index, addresses, smarthost) if addresses else None
 
     async def _host_addresses(self, name: str) -> tuple[str, ...]:
-        """name's addresses, cached for their TTL; none when it has none or the lookup fails."""
+        """name's addresses, cached for their TTL; none when it has none or both lookups fail."""
         key = f"{name} A/AAAA"  # a space never occurs in a domain, the other keys
         cached = self._cached(key)
         if isinstance(cached, tuple):
             return cached
         started = time.monotonic()
         try:
-            addresses, ttl = await self._addresses(_name(name))
-        except (dns.exception.DNSException, ResolveError):
+            addresses = await self.addresses(_name(name))
+        except ResolveError:
             return ()
-        if addresses:
-            self._remember(key, addresses, started, ttl)
-        return addresses
+        if addresses.found:
+            self._remember(key, addresses.found, started, addresses.ttl)
+        return addresses.found
 
     async def _resolve(self, domain: str) -> tuple[Route, float]:
         """The route for domain and the shortest TTL among the records it was built from."""
         name = _name(domain)
         try:
             mx = await self._lookup(name, "MX")
-            if mx.rrset is None:
-                return await self._implicit(domain, name, answer_ttl(mx))
         except dns.resolver.NXDOMAIN:
             raise ResolveError(Reply(550, "5.1.2", f"{domain} does not exist (NXDOMAIN)")) from None
         except dns.exception.DNSException as exc:
-            reply = Reply(451, "4.4.3", f"DNS lookup for {domain} failed: {exc}")
-            raise ResolveError(reply) from None
+            raise ResolveError(_lookup_failed(domain, exc)) from None
+        if mx.rrset is None:
+            return await self._implicit(domain, name, answer_ttl(mx))
         return await self._mx_route(domain, mx)
 
     async def _implicit(
         self, domain: str, name: dns.name.Name, mx_ttl: float
     ) -> tuple[Route, float]:
-        """RFC 5321 §5.1: without MX records the domain itself is the one host (implicit MX)."""
-        addresses, ttl = await self._addresses(name)
-        if not addresses:
-            raise ResolveError(Reply(550, "5.1.2", f"{domain} has no MX or address records"))
-        return Route(domain, (Host(domain, 0, addresses),)), min(mx_ttl, ttl)
+        """RFC 5321 §5.1: without MX records the domain itself is the one host (implicit MX).
+        Permanent only when both address queries answered that there is none."""
+        addresses = await self.addresses(name)
+        if addresses.found:
+            return Route(domain, (Host(domain, 0, addresses.found),)), min(mx_ttl, addresses.ttl)
+        if addresses.failed:
+            raise ResolveError(_lookup_failed(domain, addresses.failed[0][1]))
+        raise ResolveError(Reply(550, "5.1.2", f"{domain} has no MX or address records"))
 
     async def _mx_route(self, domain: str, mx: dns.resolver.Answer) -> tuple[Route, float]:
         records: list[dns.rdtypes.ANY.MX.MX] = list(mx)
@@ -166,22 +187,34 @@ class Resolver:
         return Route(domain, hosts), min([answer_ttl(mx), *(ttl for _, ttl in found)])
 
     async def _host(self, record: dns.rdtypes.ANY.MX.MX) -> tuple[Host | None, float]:
-        """One MX host with its addresses and their TTL; None when it has no address now."""
-        try:
-            addresses, ttl = await self._addresses(record.exchange)
-        except dns.resolver.NXDOMAIN:
-            return None, PERMANENT_ERROR_TTL
-        except dns.exception.DNSException:
-            return None, 0.0  # use the other hosts, but do not cache a route missing this one
-        if not addresses:
-            return None, ttl
+        """One MX host with its addresses and their TTL; None when it has no address now (with
+        a TTL of 0 when a failed lookup is why: the route is then not cached without it)."""
+        addresses = await self.addresses(record.exchange)
+        if not addresses.found:
+            return None, addresses.ttl
         name = record.exchange.to_text(omit_final_dot=True).lower()
-        return Host(name, record.preference, addresses), ttl
+        return Host(name, record.preference, addresses.found), addresses.ttl
 
-    async def _addresses(self, name: dns.name.Name) -> tuple[tuple[str, ...], float]:
-        """A then AAAA addresses of name, queried concurrently, and the shorter TTL."""
-        a, aaaa = await asyncio.gather(self._lookup(name, "A"), self._lookup(name, "AAAA"))
-        return tuple(record.address for record in (*a, *aaaa)), min(answer_ttl(a), answer_ttl(aaaa))
+    async def addresses(self, name: dns.name.Name) -> Addresses:
+        """name's A and AAAA addresses, queried concurrently; each failed query is logged."""
+        outcomes = await asyncio.gather(*(self._query(name, rdtype) for rdtype in ADDRESS_TYPES))
+        addresses = _gathered(dict(zip(ADDRESS_TYPES, outcomes, strict=True)))
+        host = name.to_text(omit_final_dot=True)
+        for rdtype, error in addresses.failed:
+            logs.event(
+                "dns_query_failed", level="warning", host=host, rdtype=rdtype,
+                reason=_query_failure(error), error=str(error), addresses=len(addresses.found),
+            )  # fmt: skip
+        return addresses
+
+    async def _query(
+        self, name: dns.name.Name, rdtype: str
+    ) -> dns.resolver.Answer | dns.exception.DNSException:
+        """One query within the limit: its answer (empty for NoAnswer), or why it failed."""
+        try:
+            return await self._lookup(name, rdtype)
+        except dns.exception.DNSException as exc:
+            return exc
 
     async def _lookup(self, name: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
         """One query within the limit; an empty answer (NoAnswer) is returned, not raised."""
@@ -266,6 +299,50 @@ def _literal(literal: str) -> Route:
     if address is None:
         raise ResolveError(Reply(550, "5.1.2", f"{literal} is not a valid address literal"))
     return Route(literal, (Host(literal, 0, (str(address),)),))
+
+
+def _gathered(outcomes: dict[str, dns.resolver.Answer | dns.exception.DNSException]) -> Addresses:
+    """The addresses of one name from its queries' outcomes by type (A first). What came back is
+    used; an NXDOMAIN counts as an answer (no address) unless another type's addresses
+    contradict it (RFC 4074 §4.2); every other failure is listed in failed."""
+    answers = [o for o in outcomes.values() if isinstance(o, dns.resolver.Answer)]
+    found = tuple(record.address for answer in answers for record in answer)
+    failed = tuple(
+        (rdtype, outcome)
+        for rdtype, outcome in outcomes.items()
+        if isinstance(outcome, dns.exception.DNSException)
+        and (found or not isinstance(outcome, dns.resolver.NXDOMAIN))
+    )
+    ttl = min(_reuse_for(outcome, bool(found)) for outcome in outcomes.values())
+    return Addresses(found, ttl, failed)
+
+
+def _reuse_for(outcome: dns.resolver.Answer | dns.exception.DNSException, found: bool) -> float:
+    """How long one query's outcome lets the name's addresses be reused: an answer for its TTL;
+    a failed query has no TTL of its own, so beside addresses it caps them at
+    PARTIAL_ANSWER_TTL, and alone it allows no reuse, unless it is an NXDOMAIN (permanent)."""
+    if isinstance(outcome, dns.resolver.Answer):
+        return answer_ttl(outcome)
+    if found:
+        return PARTIAL_ANSWER_TTL
+    return PERMANENT_ERROR_TTL if isinstance(outcome, dns.resolver.NXDOMAIN) else 0.0
+
+
+def _query_failure(error: dns.exception.DNSException) -> str:
+    """A failed query's cause in one word: NXDOMAIN, timeout, or the reply codes the name
+    servers gave (SERVFAIL, REFUSED, …)."""
+    if isinstance(error, dns.resolver.NXDOMAIN):
+        return "NXDOMAIN"
+    if isinstance(error, dns.exception.Timeout):
+        return "timeout"
+    errors = getattr(error, "kwargs", {}).get("errors") or []
+    causes = dict.fromkeys(str(server_error[3]) for server_error in errors)
+    return ", ".join(causes) or type(error).__name__
+
+
+def _lookup_failed(domain: str, error: dns.exception.DNSException) -> Reply:
+    """A lookup for domain that failed on the DNS side: temporary (RFC 5321 §5.1)."""
+    return Reply(451, "4.4.3", f"DNS lookup for {domain} failed: {error}")
 
 
 def answer_ttl(answer: dns.resolver.Answer) -> float:

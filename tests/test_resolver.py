@@ -1,19 +1,32 @@
-"""Resolver stage against a real DNS server: MX order, null and implicit MX, failures, cache."""
+"""Resolver stage against a real DNS server: MX order, null and implicit MX, failures (of one
+address query or all), cache."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import dns.name
 import pytest
+from structlog.testing import capture_logs
 
 from relay.classify import Reply, Verdict, classify
 from relay.config import Config, DeliveryConfig, DnsConfig
-from relay.resolver import Host, ResolveError, Resolver, Route, Router
+from relay.resolver import (
+    PARTIAL_ANSWER_TTL,
+    PERMANENT_ERROR_TTL,
+    Addresses,
+    Host,
+    ResolveError,
+    Resolver,
+    Route,
+    Router,
+)
 from relay.shapeconfig import RouteRule, Smarthost
-from tests.support.dns import DnsServer
+from tests.support.dns import NEGATIVE_TTL, DnsServer
 
 DOMAIN = "example.test"
 
@@ -295,8 +308,8 @@ RELAY_IP = Smarthost("127.0.0.3", 2525, "none", False)
 RELAY_NAME = Smarthost("smart.test", 587, "starttls", True, "app", "secret")
 
 
-def router(server: DnsServer, *rules: RouteRule) -> Router:
-    dns_cfg = DnsConfig(nameservers=((server.host, server.port),), timeout=2.0)
+def router(server: DnsServer, *rules: RouteRule, timeout: float = 2.0) -> Router:
+    dns_cfg = DnsConfig(nameservers=((server.host, server.port),), timeout=timeout)
     cfg = Config(delivery=DeliveryConfig(dns=dns_cfg), routes=rules)
     return Router(cfg, Resolver(dns_cfg))
 
@@ -385,3 +398,198 @@ def test_smarthost_addresses_are_cached(dns_server: DnsServer) -> None:
 
     assert first.hosts[0].addresses == second.hosts[0].addresses == ("192.0.2.7", "2001:db8::7")
     assert dns_server.queries("smart.test", "A") == 1
+
+
+# --- one address query failing: the other's addresses are used -----------------------------------
+
+V4, V6 = "192.0.2.1", "2001:db8::1"
+SMART = Smarthost("smart.test", 25, "none", False)
+# Where each kind of host gets its addresses: an MX host, the domain itself (implicit MX, no MX
+# records), a smarthost.
+HOST_OF = {"mx": "mx.test", "implicit": DOMAIN, "smarthost": SMART.host}
+# The test server's faults and the reason the dns_query_failed line gives for each.
+FAULTS = {"refused": "REFUSED", "servfail": "SERVFAIL", "drop": "timeout", "nxdomain": "NXDOMAIN"}
+ONE_FAILS = [
+    *((None, fault, (V4,)) for fault in FAULTS),  # A ok, AAAA failing each way
+    *((fault, None, (V6,)) for fault in FAULTS),  # AAAA ok, A failing each way
+]
+BOTH_FAIL = [
+    ("refused", "refused"),
+    ("servfail", "drop"),
+    ("drop", "nxdomain"),
+    ("nxdomain", "servfail"),
+]
+
+
+def host_with_faults(
+    server: DnsServer, path: str, a_fault: str | None, aaaa_fault: str | None
+) -> None:
+    """The host of path with an IPv4 and an IPv6 address, and faults on its A and AAAA queries."""
+    name = HOST_OF[path]
+    if path == "mx":
+        server.mx(DOMAIN, (10, name))
+    server.a(name, V4)
+    server.aaaa(name, V6)
+    for rdtype, fault in (("A", a_fault), ("AAAA", aaaa_fault)):
+        if fault is not None:
+            server.fault(name, fault, rdtype)
+
+
+def resolve_via(server: DnsServer, path: str) -> Route:
+    """DOMAIN's route with a short DNS timeout: through SMART for path "smarthost", else by MX."""
+    if path == "smarthost":
+        return asyncio.run(router(server, RouteRule(("*",), (SMART,)), timeout=0.5).route(DOMAIN))
+    return route(server, timeout=0.5)
+
+
+def failed_queries(logged: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The logged dns_query_failed lines: query type → reason."""
+    return {e["rdtype"]: e["reason"] for e in logged if e["event"] == "dns_query_failed"}
+
+
+@pytest.mark.parametrize("path", HOST_OF)
+@pytest.mark.parametrize(("a_fault", "aaaa_fault", "used"), ONE_FAILS)
+def test_host_is_reached_by_the_addresses_that_came_back(
+    dns_server: DnsServer,
+    path: str,
+    a_fault: str | None,
+    aaaa_fault: str | None,
+    used: tuple[str, ...],
+) -> None:
+    host_with_faults(dns_server, path, a_fault, aaaa_fault)
+
+    with capture_logs() as logged:
+        found = resolve_via(dns_server, path)
+
+    assert [(host.name, host.addresses) for host in found.hosts] == [(HOST_OF[path], used)]
+    [line] = [e for e in logged if e["event"] == "dns_query_failed"]
+    rdtype, fault = ("A", a_fault) if a_fault else ("AAAA", aaaa_fault)
+    assert fault is not None
+    assert line["log_level"] == "warning" and line["host"] == HOST_OF[path]
+    assert (line["rdtype"], line["reason"], line["addresses"]) == (rdtype, FAULTS[fault], 1)
+    assert line["error"]
+
+
+@pytest.mark.parametrize(("a_fault", "aaaa_fault"), BOTH_FAIL)
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("mx", f"451 4.4.4 no address for any MX host of {DOMAIN}"),
+        ("implicit", f"451 4.4.3 DNS lookup for {DOMAIN} failed: "),
+        ("smarthost", f"451 4.4.4 no address for any smarthost of {DOMAIN} (smart.test)"),
+    ],
+)
+def test_host_whose_queries_all_fail_is_a_temporary_failure(
+    dns_server: DnsServer, path: str, expected: str, a_fault: str, aaaa_fault: str
+) -> None:
+    host_with_faults(dns_server, path, a_fault, aaaa_fault)
+
+    with capture_logs() as logged, pytest.raises(ResolveError) as info:
+        resolve_via(dns_server, path)
+
+    assert str(info.value.reply).startswith(expected)
+    assert verdict(info.value.reply) is Verdict.TEMPORARY
+    # An NXDOMAIN nothing contradicts is an answer, not a failed query.
+    faults = {"A": a_fault, "AAAA": aaaa_fault}
+    assert failed_queries(logged) == {t: FAULTS[f] for t, f in faults.items() if f != "nxdomain"}
+
+
+@pytest.mark.parametrize(
+    ("a_fault", "aaaa_fault", "expected"),
+    [
+        ("nxdomain", "nxdomain", f"{DOMAIN} has no MX or address records"),
+        ("refused", "nxdomain", f"DNS lookup for {DOMAIN} failed: "),
+    ],
+)
+def test_implicit_mx_is_permanent_only_when_both_queries_answer_none(
+    dns_server: DnsServer, a_fault: str, aaaa_fault: str, expected: str
+) -> None:
+    dns_server.record(DOMAIN, "TXT", '"exists"')  # the MX query: NOERROR, no records
+    host_with_faults(dns_server, "implicit", a_fault, aaaa_fault)
+
+    reply = failure(dns_server)
+
+    assert reply.text.startswith(expected)
+    permanent = a_fault == aaaa_fault == "nxdomain"
+    assert verdict(reply) is (Verdict.PERMANENT if permanent else Verdict.TEMPORARY)
+
+
+def test_partial_answer_is_reused_without_asking_again(dns_server: DnsServer) -> None:
+    host_with_faults(dns_server, "mx", None, "drop")
+
+    async def twice() -> tuple[Route, int, Route]:
+        cached = resolver(dns_server, timeout=0.5)
+        first = await cached.route(DOMAIN)
+        asked = dns_server.queries("mx.test", "AAAA")
+        return first, asked, await cached.route(DOMAIN)
+
+    first, asked, second = asyncio.run(twice())
+
+    assert first == second and first.hosts[0].addresses == (V4,)
+    assert dns_server.queries("mx.test", "AAAA") == asked  # one timeout, not one per message
+
+
+# --- a name's addresses: what came back, how long it may be reused, which queries failed ---------
+
+AddressSpec = int | str  # a TTL: the address with it; "none": no record of the type; else a fault
+
+
+def addresses_of(server: DnsServer, a: AddressSpec, aaaa: AddressSpec) -> Addresses:
+    """mx.test's addresses as the resolver finds them, its A and AAAA set up as a and aaaa say."""
+    name = HOST_OF["mx"]
+    server.record(name, "TXT", '"exists"')
+    for rdtype, spec, address in (("A", a, V4), ("AAAA", aaaa, V6)):
+        if isinstance(spec, int):
+            server.record(name, rdtype, address, ttl=spec)
+        elif spec != "none":
+            server.fault(name, spec, rdtype)
+    return asyncio.run(resolver(server, timeout=0.5).addresses(dns.name.from_text(name)))
+
+
+@pytest.mark.parametrize(
+    ("a", "aaaa", "found", "ttl", "failed"),
+    [
+        # A, AAAA → addresses, seconds they may be reused, failed queries (type, reason)
+        (600, 600, (V4, V6), 600.0, ()),
+        (30, 600, (V4, V6), 30.0, ()),
+        (600, "servfail", (V4,), PARTIAL_ANSWER_TTL, (("AAAA", "SERVFAIL"),)),
+        (30, "refused", (V4,), 30.0, (("AAAA", "REFUSED"),)),
+        (600, "nxdomain", (V4,), PARTIAL_ANSWER_TTL, (("AAAA", "NXDOMAIN"),)),
+        ("drop", 600, (V6,), PARTIAL_ANSWER_TTL, (("A", "timeout"),)),
+        ("none", "none", (), NEGATIVE_TTL, ()),
+        ("nxdomain", "nxdomain", (), PERMANENT_ERROR_TTL, ()),
+        ("nxdomain", "none", (), NEGATIVE_TTL, ()),
+        ("drop", "none", (), 0.0, (("A", "timeout"),)),
+        ("nxdomain", "servfail", (), 0.0, (("AAAA", "SERVFAIL"),)),
+    ],
+)
+def test_addresses_and_how_long_to_reuse_them(
+    dns_server: DnsServer,
+    a: AddressSpec,
+    aaaa: AddressSpec,
+    found: tuple[str, ...],
+    ttl: float,
+    failed: tuple[tuple[str, str], ...],
+) -> None:
+    with capture_logs() as logged:
+        result = addresses_of(dns_server, a, aaaa)
+
+    assert (result.found, result.ttl) == (found, ttl)
+    assert [rdtype for rdtype, _ in result.failed] == [rdtype for rdtype, _ in failed]
+    assert failed_queries(logged) == dict(failed)
+
+
+def test_failed_query_names_what_every_name_server_answered(dns_server: DnsServer) -> None:
+    second = DnsServer()
+    second.start()
+    try:
+        dns_server.refuse("mx.test")
+        second.servfail("mx.test")
+        servers = ((dns_server.host, dns_server.port), (second.host, second.port))
+        cfg = DnsConfig(nameservers=servers, timeout=2.0)
+        with capture_logs() as logged:
+            asyncio.run(Resolver(cfg).addresses(dns.name.from_text("mx.test")))
+    finally:
+        second.close()
+
+    assert failed_queries(logged) == {"A": "REFUSED, SERVFAIL", "AAAA": "REFUSED, SERVFAIL"}

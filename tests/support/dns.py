@@ -24,18 +24,27 @@ SOA = dns.rrset.from_text(
 )
 
 Key = tuple[dns.name.Name, dns.rdatatype.RdataType]
+# A fault applies to one query type of a name, or (None) to every type.
+FaultKey = tuple[dns.name.Name, dns.rdatatype.RdataType | None]
+# The reply code each answering fault sends; "drop" sends nothing.
+FAULT_RCODES = {
+    "servfail": dns.rcode.SERVFAIL,
+    "refused": dns.rcode.REFUSED,
+    "nxdomain": dns.rcode.NXDOMAIN,
+}
 
 
 class DnsServer:
     """Answers from a record table: a name without records is NXDOMAIN, one without the asked
-    type is an empty NOERROR; servfail() and drop() make a name misbehave until clear()."""
+    type is an empty NOERROR; servfail(), refuse(), nxdomain() and drop() make a name, or one
+    query type of it, misbehave until clear()."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.port = 0
         self._lock = threading.Lock()
         self._records: dict[Key, dns.rrset.RRset] = {}
-        self._faults: dict[dns.name.Name, str] = {}
+        self._faults: dict[FaultKey, str] = {}
         self._counts: Counter[Key] = Counter()
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
@@ -70,18 +79,39 @@ class DnsServer:
     def null_mx(self, domain: str) -> None:
         self.mx(domain, (0, "."))
 
-    def servfail(self, name: str) -> None:
-        self._fault(name, "servfail")
+    def servfail(self, name: str, rdtype: str | None = None) -> None:
+        """Answer SERVFAIL for name (only its rdtype queries, when given)."""
+        self.fault(name, "servfail", rdtype)
 
-    def drop(self, name: str) -> None:
-        """Never answer queries for name, so clients time out."""
-        self._fault(name, "drop")
+    def refuse(self, name: str, rdtype: str | None = None) -> None:
+        """Answer REFUSED for name (only its rdtype queries, when given)."""
+        self.fault(name, "refused", rdtype)
+
+    def nxdomain(self, name: str, rdtype: str | None = None) -> None:
+        """Answer NXDOMAIN for name (only its rdtype queries, when given) whatever its records:
+        the broken server of RFC 4074 §4.2 that denies a name exists when asked for AAAA."""
+        self.fault(name, "nxdomain", rdtype)
+
+    def drop(self, name: str, rdtype: str | None = None) -> None:
+        """Never answer queries for name (only its rdtype queries, when given): clients time
+        out."""
+        self.fault(name, "drop", rdtype)
+
+    def fault(self, name: str, fault: str, rdtype: str | None = None) -> None:
+        """Make name's queries (of rdtype only, when given) get fault: one of FAULT_RCODES or
+        "drop"; a fault for one type wins over one for the whole name."""
+        if fault not in (*FAULT_RCODES, "drop"):
+            raise ValueError(f"unknown DNS fault {fault!r}")
+        key = (dns.name.from_text(name), dns.rdatatype.from_text(rdtype) if rdtype else None)
+        with self._lock:
+            self._faults[key] = fault
 
     def clear(self, name: str) -> None:
         """Forget name's records and faults: it becomes NXDOMAIN."""
         owner = dns.name.from_text(name)
         with self._lock:
-            self._faults.pop(owner, None)
+            for fault in [key for key in self._faults if key[0] == owner]:
+                del self._faults[fault]
             for key in [key for key in self._records if key[0] == owner]:
                 del self._records[key]
 
@@ -125,25 +155,24 @@ class DnsServer:
         question = query.question[0]
         with self._lock:
             self._counts[(question.name, question.rdtype)] += 1
-            fault = self._faults.get(question.name)
+            fault = self._faults.get((question.name, question.rdtype))
+            fault = fault or self._faults.get((question.name, None))
             rrset = self._records.get((question.name, question.rdtype))
             exists = any(name == question.name for name, _ in self._records)
         if fault == "drop":
             return None
         response = dns.message.make_response(query)
         response.flags |= dns.flags.AA
-        if fault == "servfail":
-            response.set_rcode(dns.rcode.SERVFAIL)
-        elif rrset is not None:
+        if fault is None and rrset is not None:
             response.answer.append(rrset)
-        else:
-            response.set_rcode(dns.rcode.NOERROR if exists else dns.rcode.NXDOMAIN)
-            response.authority.append(SOA)
+            return response
+        rcode = (
+            FAULT_RCODES[fault] if fault else dns.rcode.NOERROR if exists else dns.rcode.NXDOMAIN
+        )
+        response.set_rcode(rcode)
+        if rcode in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+            response.authority.append(SOA)  # RFC 2308 §3: a negative answer carries the SOA
         return response
-
-    def _fault(self, name: str, fault: str) -> None:
-        with self._lock:
-            self._faults[dns.name.from_text(name)] = fault
 
 
 class _UdpServer(socketserver.ThreadingUDPServer):
