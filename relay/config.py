@@ -11,7 +11,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 import yaml
 
@@ -53,6 +53,9 @@ from relay.shapeconfig import (
     domain_matches,
     routes,
 )
+
+if TYPE_CHECKING:
+    from relay.spool import Space
 
 T = TypeVar("T")
 __all__ = [
@@ -126,9 +129,52 @@ class LimitsConfig:
     session_timeout: float = option(duration, 1800.0)
 
 
+# The disk reserve (Postfix's queue_minfree): by default the smaller of 512 MiB and 5% of the
+# spool's file system, so that a small disk is not refused from the start; and, with any
+# reserve on, the smaller of 1000 inodes and 1% of the file system's inodes (a message takes
+# two; what is kept lets deliveries rewrite their state files and write bounces).
+RESERVE_BYTES, RESERVE_SHARE = 512 * 1024 * 1024, 0.05
+RESERVE_INODES, RESERVE_INODE_SHARE = 1000, 0.01
+
+
+def min_free_bytes(value: Any) -> int | None:
+    """Bytes (0 = no reserve), or "auto" (None: computed from the file system's size)."""
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{value!r} is not a number of bytes (0 or more) nor auto")
+    return value
+
+
 @dataclass(frozen=True)
 class SpoolConfig:
     path: Path = option(path, Path("/var/spool/relay"))
+    # Below this many free bytes on the spool's file system, MAIL FROM gets 452 4.3.1.
+    min_free: int | None = option(min_free_bytes, None)
+
+    def reserve(self, space: Space) -> tuple[int, int]:
+        """The bytes and inodes kept free on the spool's file system (0 = none)."""
+        if self.min_free == 0:
+            return 0, 0
+        share = int(space.total_bytes * RESERVE_SHARE)
+        reserve = min(RESERVE_BYTES, share) if self.min_free is None else self.min_free
+        return reserve, min(RESERVE_INODES, int(space.total_inodes * RESERVE_INODE_SHARE))
+
+    def shortage(self, space: Space, size: int = 0) -> str | None:
+        """Why a new message cannot be taken: free bytes or inodes below the reserve, or a
+        declared SIZE (RFC 1870) that does not fit above it; None when it can."""
+        min_bytes, min_inodes = self.reserve(space)
+        if space.free_bytes < min_bytes:
+            return f"spool: below min_free: {space.free_bytes} bytes free, reserve {min_bytes}"
+        if space.free_inodes < min_inodes:
+            return (
+                f"spool: below the inode reserve: {space.free_inodes} inodes free, "
+                f"reserve {min_inodes}"
+            )
+        room = space.free_bytes - min_bytes
+        if min_bytes and size > room:
+            return f"spool: SIZE={size} is more than the {room} bytes free above min_free"
+        return None
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         metrics.reset_directory(self.metrics_dir)
-        endpoint = Endpoint(metrics.registry(self.metrics_dir, self.spool.root), self.problems)
+        registry = metrics.registry(self.metrics_dir, self.spool, lambda: self.cfg.spool)
+        endpoint = Endpoint(registry, self.not_ready)
         try:
             server = await endpoint.start(*self.cfg.metrics.listen)
         except OSError as exc:
@@ -166,6 +167,14 @@ class Supervisor:
             probe.unlink()
         except OSError as exc:
             out.append(f"spool: not writable: {exc.strerror}")
+        return out
+
+    def not_ready(self) -> list[str]:
+        """/readyz: problems(), and a spool below its reserve, where new mail is refused while
+        delivery goes on (so the watchdog is still fed)."""
+        out = self.problems()
+        with contextlib.suppress(OSError):  # a spool that is gone: problems() says so
+            out += [s for s in [self.cfg.spool.shortage(self.spool.space())] if s]
         return out
 
     async def _feed_watchdog(self) -> None:

@@ -1,5 +1,6 @@
 """Observation stage: the supervisor's HTTP endpoint on metrics.listen, serving /metrics for
-Prometheus, /healthz (process up) and /readyz (listening, spool writable, scheduler alive)."""
+Prometheus, /healthz (process up) and /readyz (listening, spool writable and above its
+reserve, scheduler alive)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,14 @@ from relay.config import Config, ConfigError, why
 from relay.groupcommit import GroupCommit
 from relay.guard import REPLY_BANNED, Guard, client_address
 from relay.resolver import address_literal
-from relay.session import KINDS, REPLY_SHUTTING_DOWN, Credentials, RelaySMTP, hook_names
+from relay.session import (
+    KINDS,
+    REPLY_SHUTTING_DOWN,
+    Credentials,
+    ImplicitTLS,
+    RelaySMTP,
+    hook_names,
+)
 from relay.spool import Message, Recipient, Spool, new_id
 
 DOMAIN_RE = re.compile(
@@ -43,6 +50,9 @@ REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 REPLY_LOCAL_ERROR = "451 4.3.0 Error: queue file write error, try again later"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
 REPLY_QUOTA_ERROR = "451 4.3.0 Error: sending quota ledger unavailable, try again later"
+# RFC 1870 §6.1 and RFC 3463 4.3.1: no room for a new message now (spool.min_free).
+REPLY_NO_STORAGE = "452 4.3.1 Insufficient system storage"
+SPACE_MAX_AGE = 1.0  # seconds a reading of the spool's free space serves MAIL FROM
 # A well-formed hash that matches nothing, checked for unknown users so that failing with an
 # unknown name takes as long as failing with a wrong password.
 DUMMY_HASH = users.hash_password("relay-dummy-password")
@@ -215,9 +225,21 @@ class IntakeHandler:
         if owner is not None and sender and not owner.may_send_as(sender.rpartition("@")[2]):
             reply = REPLY_NOT_OWNER.format(sender, owner.name)
             return self.reject("sender_not_owned", reply, session, user=owner.name)
+        shortage = self._storage_shortage(options)
+        if shortage:
+            return self.reject("disk_reserve", REPLY_NO_STORAGE, session, detail=shortage)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 2.1.0 Ok"
+
+    def _storage_shortage(self, options: list[str]) -> str | None:
+        """Why the spool has no room for this transaction, or None: free space (or a declared
+        SIZE) against the reserve, read from the file system at most every SPACE_MAX_AGE."""
+        if self.cfg.spool.min_free == 0:
+            return None
+        declared = [o[len("SIZE=") :] for o in options if o.startswith("SIZE=")]
+        size = int(declared[0]) if declared and declared[0].isdecimal() else 0
+        return self.cfg.spool.shortage(self.spool.space(SPACE_MAX_AGE), size)
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -484,14 +506,18 @@ async def serve(handler: IntakeHandler) -> list[asyncio.Server]:
     servers = []
     for kind in KINDS:
         for host, port in addresses[kind]:
-            ssl_context = handler.tls if kind == "smtps" else None
-            servers.append(
-                await loop.create_server(_factory(handler, kind), host, port, ssl=ssl_context)
-            )
+            servers.append(await loop.create_server(_factory(handler, kind), host, port))
     return servers
 
 
-def _factory(handler: IntakeHandler, kind: str) -> Callable[[], RelaySMTP]:
+def _factory(handler: IntakeHandler, kind: str) -> Callable[[], asyncio.BaseProtocol]:
+    """Sessions for one listener; on smtps each starts with our own TLS handshake (so that a
+    failed one is logged, and a reloaded certificate serves the next connection)."""
+
+    def implicit_tls() -> ImplicitTLS:
+        assert handler.tls is not None  # config: smtps needs smtp.tls (RFC 8314)
+        return ImplicitTLS(handler.tls, factory)
+
     def factory() -> RelaySMTP:
         cfg = handler.cfg
         return RelaySMTP(
@@ -510,7 +536,7 @@ def _factory(handler: IntakeHandler, kind: str) -> Callable[[], RelaySMTP]:
             auth_exclude_mechanism=None if cfg.smtp.auth.users_file else ["PLAIN", "LOGIN"],
         )
 
-    return factory
+    return implicit_tls if kind == "smtps" else factory
 
 
 def has_bare_line_end(content: bytes) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
@@ -20,6 +20,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import __version__
+from relay.config import SpoolConfig
+from relay.spool import Spool
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -28,7 +30,7 @@ REJECT_REASONS = (
     "message_too_big", "bare_line_end", "nul_byte", "bad_syntax", "bad_directive", "local_error",
     "shutting_down",
     "too_many_connections", "rate_limited", "banned", "auth_failed", "sender_not_owned",
-    "over_quota",
+    "over_quota", "disk_reserve",
 )  # fmt: skip
 QUEUE_STATES = (
     "queued", "scheduled", "active", "deferred", "throttled", "quota", "held", "suspended",
@@ -56,6 +58,19 @@ QUOTA_HELD = Counter(
     "relay_quota_exceeded",
     "Messages over a sending quota, by what happened to them (held until the window, refused).",
     ["action"],
+)
+# A failed inbound TLS handshake, by listener and a bounded reason: the common OpenSSL
+# reasons by name, a client that refused our certificate, hung up or stalled, and `other`.
+TLS_FAILURE_REASONS = (
+    "unsupported_protocol", "wrong_version_number", "http_request", "no_shared_cipher",
+    "certificate_refused", "eof", "timeout", "other",
+)  # fmt: skip
+LISTENERS = ("relay", "submission", "smtps")
+TLS_FAILED = Counter(
+    "relay_smtp_tls_failed",
+    "Inbound TLS handshakes (STARTTLS or smtps) that failed on the client's side, by listener "
+    "and reason.",
+    ["listener", "reason"],
 )
 
 # --- scheduler ------------------------------------------------------------------------------
@@ -139,9 +154,14 @@ def prime(providers: Iterable[str]) -> None:
         CONNECTIONS.labels(kind)
     for action in ("held", "refused"):
         QUOTA_HELD.labels(action)
+    for listener in LISTENERS:
+        for reason in TLS_FAILURE_REASONS:
+            TLS_FAILED.labels(listener, reason)
 
 
 # --- supervisor: aggregation and its own measurements ---------------------------------------
+
+RESERVE_HELP = "Free {} below which new mail is refused with 452 4.3.1 ({}; 0 = no reserve)."
 
 
 def reset_directory(path: Path) -> None:
@@ -156,20 +176,27 @@ def forget_process(path: Path, pid: int) -> None:
 
 
 class SpoolCollector(Collector):
-    """Measured at scrape time: dead letters, free spool space, and what this build is."""
+    """Measured at scrape time: dead letters, free spool space against the reserve (with the
+    settings of the last reload), and what this build is."""
 
-    def __init__(self, spool_root: Path) -> None:
-        self.spool_root = spool_root
+    def __init__(self, spool: Spool, settings: Callable[[], SpoolConfig]) -> None:
+        self.spool = spool
+        self.settings = settings
 
     def collect(self) -> Iterator[Metric]:
-        dead = sum(1 for n in os.listdir(self.spool_root / "dead") if n.endswith(".json"))
+        dead = sum(1 for n in os.listdir(self.spool.root / "dead") if n.endswith(".json"))
         yield GaugeMetricFamily(
             "relay_dead_letter_messages", "Messages in the dead-letter spool.", value=dead
         )
-        usage = shutil.disk_usage(self.spool_root)
-        yield GaugeMetricFamily(
-            "relay_spool_free_bytes", "Free bytes on the spool's file system.", value=usage.free
-        )
+        space = self.spool.space()
+        reserve_bytes, reserve_inodes = self.settings().reserve(space)
+        for name, help_text, value in (
+            ("free_bytes", "Free bytes on the spool's file system.", space.free_bytes),
+            ("free_inodes", "Free inodes on the spool's file system.", space.free_inodes),
+            ("reserve_bytes", RESERVE_HELP.format("bytes", "spool.min_free"), reserve_bytes),
+            ("reserve_inodes", RESERVE_HELP.format("inodes", "1% or 1000"), reserve_inodes),
+        ):
+            yield GaugeMetricFamily(f"relay_spool_{name}", help_text, value=value)
         info = GaugeMetricFamily(
             "relay_build_info", "Version of relay and Python.", labels=["version", "python"]
         )
@@ -177,9 +204,11 @@ class SpoolCollector(Collector):
         yield info
 
 
-def registry(multiproc_dir: Path, spool_root: Path) -> CollectorRegistry:
+def registry(
+    multiproc_dir: Path, spool: Spool, settings: Callable[[], SpoolConfig]
+) -> CollectorRegistry:
     """The supervisor's registry: all workers' values plus the spool collector."""
     reg = CollectorRegistry()
     multiprocess.MultiProcessCollector(reg, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
-    reg.register(SpoolCollector(spool_root))
+    reg.register(SpoolCollector(spool, settings))
     return reg

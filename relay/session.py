@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, syntax
 
-from relay import metrics
+from relay import logs, metrics
 from relay.guard import REPLY_TOO_FAST
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ REPLY_DATA_TOO_BIG = "552 Error: Too much mail data"
 MAX_REPLY = 510
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all C0 controls but TAB, and DEL
 UNSAFE_IN_REPLY = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-KINDS = ("relay", "submission", "smtps")
+KINDS = metrics.LISTENERS
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 # The path nearly every client sends: <dot-atom@host name>, then nothing or a space and the
@@ -103,6 +104,82 @@ class Credentials:
     mechanism: str
     login: bytes
     password: bytes
+
+
+# --- TLS handshakes that fail on the client's side -------------------------------------------
+
+
+def tls_failure_reason(error: OSError) -> str:
+    """The bounded label of a failed server-side handshake (metrics.TLS_FAILURE_REASONS):
+    OpenSSL's reason for the common ones, the client's alerts about our certificate, a client
+    that hung up or stalled (asyncio's handshake timeout), else `other`."""
+    if isinstance(error, ConnectionAbortedError):  # asyncio: "SSL handshake is taking longer"
+        return "timeout"
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)):
+        return "eof"
+    reason = str(getattr(error, "reason", None) or "")
+    if reason.lower() in metrics.TLS_FAILURE_REASONS:
+        return reason.lower()
+    # RFC 8446 §6.2: bad_certificate, certificate_expired, unknown_ca, ... sent by the client.
+    if "_ALERT_" in reason and ("CERTIFICATE" in reason or reason.endswith("UNKNOWN_CA")):
+        return "certificate_refused"
+    return "other"
+
+
+def tls_failed(listener: str, ip: str, error: OSError) -> None:
+    """Log and count a handshake that failed on the client's side: old TLS versions, scanners,
+    plain text or HTTP on a TLS port, a hang-up. Nothing of ours went wrong, so it is info (an
+    open 465 is probed all day), never `error`; the exact OpenSSL text is in `detail`."""
+    reason = tls_failure_reason(error)
+    metrics.TLS_FAILED.labels(listener, reason).inc()
+    detail = str(error) or type(error).__name__
+    logs.event("tls_failed", client=ip, listener=listener, reason=reason, detail=detail)
+
+
+def client_ip(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if peer else ""
+
+
+class ImplicitTLS(asyncio.Protocol):
+    """An smtps connection (RFC 8314 §3.3) until its TLS handshake is done; then its SMTP
+    session takes over the TLS transport. asyncio's own TLS listener (create_server(ssl=))
+    drops a failed handshake without a word; this one logs and counts it."""
+
+    def __init__(self, context: ssl.SSLContext, session: Callable[[], RelaySMTP]) -> None:
+        self.context = context
+        self.session = session
+        self.early = bytearray()  # what arrives between the handshake and the session's start
+        self.gone = False
+        self.handshake: asyncio.Task[None] | None = None  # held: the loop keeps weak refs
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tcp = cast(asyncio.Transport, transport)  # what a TCP listener gives
+        self.handshake = asyncio.get_running_loop().create_task(self._start(tcp))
+
+    def data_received(self, data: bytes) -> None:
+        self.early += data
+
+    def eof_received(self) -> None:
+        self.gone = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+
+    async def _start(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            tls = await loop.start_tls(transport, self, self.context, server_side=True)
+        except OSError as error:  # start_tls has closed the connection
+            tls_failed("smtps", client_ip(transport), error)
+            return
+        if tls is None or self.gone:  # the client left as the handshake ended
+            return
+        session = self.session()
+        tls.set_protocol(session)
+        session.connection_made(tls)
+        if self.early:
+            session.data_received(bytes(self.early))
 
 
 class RelaySMTP(SMTP):
@@ -178,8 +255,7 @@ class RelaySMTP(SMTP):
         if not first:
             return
         handler = self.event_handler
-        peer = transport.get_extra_info("peername")
-        self.ip = str(peer[0]) if peer else ""
+        self.ip = client_ip(transport)
         refusal = handler.guard.admit(self.ip)
         if refusal is not None:
             reason, reply = refusal
@@ -208,6 +284,16 @@ class RelaySMTP(SMTP):
         metrics.SESSIONS.dec()
         self.event_handler.sessions.discard(self)
         self.event_handler.guard.leave(self.ip)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A failed STARTTLS handshake (RFC 3207 §4), which aiosmtpd raises as
+        TLSSetupException and answers by closing, is the client's: tls_failed, not error.
+        Anything else is our failure, for the handler (a 4xx)."""
+        cause = error.__cause__
+        if isinstance(error, TLSSetupException) and isinstance(cause, OSError):
+            tls_failed(self.kind, self.ip, cause)
+            return ""  # never sent: aiosmtpd closes the connection after a TLSSetupException
+        return await super().handle_exception(error)
 
     def shut(self, reply: str = REPLY_SHUTTING_DOWN, count: bool = True) -> None:
         """Say why in a 421 and close (RFC 5321 §3.8)."""

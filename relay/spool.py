@@ -177,12 +177,24 @@ class Message:
         )
 
 
+@dataclass(frozen=True)
+class Space:
+    """Room on the spool's file system as statvfs(3) gives it to an unprivileged process: the
+    blocks and inodes reserved for root (ext4's 5%) are not free."""
+
+    free_bytes: int
+    total_bytes: int
+    free_inodes: int
+    total_inodes: int  # 0: the file system has no fixed inode count (btrfs)
+
+
 class Spool:
     """A spool directory; see docs/spool.md for the format and the order of every write."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._run_fd: int | None = None
+        self._space: tuple[float, Space] | None = None  # the last reading, by monotonic time
 
     # --- layout ------------------------------------------------------------------------------
 
@@ -214,6 +226,18 @@ class Spool:
         if self._run_fd is None:
             self._run_fd = os.open(self.root / RUN, os.O_RDONLY | os.O_DIRECTORY)
         return f"/proc/self/fd/{self._run_fd}/{name}"
+
+    def space(self, max_age: float = 0.0) -> Space:
+        """The file system's free and total bytes and inodes; a reading younger than max_age
+        seconds is reused (one statvfs a second is enough to see a disk fill, and MAIL FROM
+        asks at every transaction). OSError if the spool is gone."""
+        now = time.monotonic()
+        if self._space is not None and now - self._space[0] < max_age:
+            return self._space[1]
+        st = os.statvfs(self.root)
+        space = Space(st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize, st.f_favail, st.f_files)
+        self._space = (now, space)
+        return space
 
     def ids(self, where: str = QUEUE) -> list[str]:
         """Ids with a state file in `where`, oldest first."""

@@ -22,7 +22,8 @@ ALERTS = {
     "RelayQueueAgeCritical": "critical",
     "RelayDeadLetterGrowth": "warning",
     "RelayDeferralRatioHigh": "warning",
-    "RelaySpoolDiskLow": "critical",
+    "RelaySpoolDiskLow": "warning",
+    "RelaySpoolBelowReserve": "critical",
 }
 
 

@@ -3,6 +3,7 @@ SIGHUP reloads, systemd's notify protocol and unit file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -185,17 +187,27 @@ def test_the_scheduler_yields_the_cpu_to_the_intake(relay: RelayFactory, sink: M
     sink.wait_for(1)
 
 
-def test_systemd_notify_protocol(relay: RelayFactory, sink: MxSink, tmp_path: Path) -> None:
-    """The messages systemd's Type=notify and WatchdogSec rely on, on a socket of our own."""
+@contextlib.contextmanager
+def under_systemd(
+    tmp_path: Path, start: Callable[[], Relay]
+) -> Iterator[tuple[socket.socket, Relay]]:
+    """Start a relay as systemd starts a Type=notify unit with WatchdogSec=1s; its messages
+    come on a socket of our own."""
     path = str(tmp_path / "notify.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         notify.bind(path)
         notify.settimeout(10)
         os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"] = path, "1000000"
         try:
-            daemon = relay()
+            daemon = start()
         finally:
             del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+        yield notify, daemon
+
+
+def test_systemd_notify_protocol(relay: RelayFactory, sink: MxSink, tmp_path: Path) -> None:
+    """The messages systemd's Type=notify and WatchdogSec rely on."""
+    with under_systemd(tmp_path, relay) as (notify, daemon):
         received = [notify.recv(4096).decode() for _ in range(2)]
         assert received[0].startswith("READY=1")
         assert "WATCHDOG=1" in received[1]
