@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from relay import metrics
+from relay.data import Draft, read_data
 from relay.guard import REPLY_TOO_FAST
 
 if TYPE_CHECKING:
@@ -41,12 +42,6 @@ REPLY_NOT_UTF8 = "500 5.5.2 Syntax error: command is not valid UTF-8"
 REPLY_UNBALANCED = "501 5.5.4 Syntax error in parameters: unbalanced < >"
 REPLY_CONTROL_IN_PARAMETER = "501 5.5.4 Syntax error in parameters: control character"
 COMMAND_LIMIT = 510  # 512 minus the CRLF
-# The end of the mail data (RFC 5321 §4.1.1.4): a line holding one dot. Searched for as
-# ".\r\n" so that the dot line right at the start of the data is found too.
-DOT_LINE = b".\r\n"
-DATA_END = b"\r\n.\r\n"
-REPLY_DATA_LINE_TOO_LONG = "500 Line too long (see RFC5321 4.5.3.1.6)"
-REPLY_DATA_TOO_BIG = "552 Error: Too much mail data"
 MAX_REPLY = 510
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all C0 controls but TAB, and DEL
 UNSAFE_IN_REPLY = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
@@ -125,6 +120,7 @@ class RelaySMTP(SMTP):
         self.kind = kind
         self.admitted = False
         self.ip = ""
+        self.draft: Draft | None = None  # the message of the DATA command in progress
         self.deadline: asyncio.TimerHandle | None = None
         # RFC 5321 §4.5.3.1.4: 512 octets with the CRLF, which aiosmtpd does not count
         # (RFC 1870 and 6531 extensions still add their allowance to MAIL after EHLO).
@@ -139,8 +135,9 @@ class RelaySMTP(SMTP):
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA with the same checks, replies and handler hook, but reading the
-        mail data in blocks up to each ".\r\n" instead of line by line (the cost of big
-        messages); the size and line-length limits are checked on the whole."""
+        mail data as it arrives into a Draft (relay/data.py): checked on the stream, the header
+        block in memory, the body spilled to the spool beyond a bound. The handler finds the
+        Draft as self.draft; it is discarded however the transaction ends."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
@@ -151,10 +148,20 @@ class RelaySMTP(SMTP):
             await self.push("501 Syntax: DATA")
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
+        self.draft = draft = self.event_handler.draft()
         try:
-            content, problem = await read_data(
-                self._reader, self.data_size_limit, self.line_length_limit
-            )
+            await self._data(draft)
+        finally:
+            self.draft = None
+            draft.discard()
+
+    async def _data(self, draft: Draft) -> None:
+        assert self.envelope is not None
+        try:
+            problem = await read_data(
+                self._reader, draft, self.data_size_limit, self.line_length_limit,
+                self._reset_timeout,
+            )  # fmt: skip
         except asyncio.CancelledError:  # the connection was lost during DATA
             self._writer.close()
             raise
@@ -165,7 +172,6 @@ class RelaySMTP(SMTP):
             await self.push(problem)
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
-        self.envelope.content = self.envelope.original_content = content
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
@@ -306,31 +312,3 @@ class RelaySMTP(SMTP):
         if not isinstance(decoded.auth_data, Credentials):
             return decoded  # aiosmtpd already answered (bad base64, aborted exchange)
         return await self.event_handler.authenticate(self, decoded.auth_data)
-
-
-async def read_data(
-    reader: asyncio.StreamReader, size_limit: int | None, line_limit: int
-) -> tuple[bytes, str | None]:
-    """The mail data up to the line holding one dot, dot-unstuffed (RFC 5321 §4.5.2), or a
-    refusal once it has all been read (over size_limit, or a line with its CRLF longer than
-    line_limit). Reads up to each ".\r\n" (the reader's limit caps each read, and the rest
-    of the data is read in pieces), so nothing after the end of the data is consumed."""
-    data = bytearray()
-    total = 0
-    while not (data.endswith(DATA_END) or data == DOT_LINE):
-        try:
-            block = await reader.readuntil(DOT_LINE)
-        except asyncio.LimitOverrunError as exc:
-            block = await reader.read(exc.consumed)
-        total += len(block)
-        if size_limit and total > size_limit + len(DOT_LINE):
-            data = data[-len(DATA_END) :]  # keep only what the end mark may straddle
-        data += block
-    if size_limit and total > size_limit + len(DOT_LINE):
-        return b"", REPLY_DATA_TOO_BIG
-    content = bytes(data[: -len(DOT_LINE)])
-    if max(map(len, content.split(b"\n"))) >= line_limit:  # a line over it, CRLF counted
-        return b"", REPLY_DATA_LINE_TOO_LONG
-    if content.startswith(b"."):
-        content = content[1:]
-    return content.replace(b"\r\n.", b"\r\n"), None
