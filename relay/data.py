@@ -138,12 +138,12 @@ class Scan:
 
     def take(self, block: bytes) -> tuple[bytes, bool]:
         """The unstuffed content in block, and whether block ends the data."""
-        joined = self.tail + block
-        ended = joined.endswith(DATA_END) or (self.total == 0 and block == DOT_LINE)
+        last = self.tail + block[-len(DATA_END) :]  # not a copy of the whole block
+        ended = last.endswith(DATA_END) or (self.total == 0 and block == DOT_LINE)
         piece = self._unstuff(block[: -len(DOT_LINE)] if ended else block)
         self._check(block)
         self.total += len(block)
-        self.tail = joined[-4:]
+        self.tail = last[-4:]
         return piece, ended
 
     def _unstuff(self, piece: bytes) -> bytes:
