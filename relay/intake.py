@@ -17,6 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay import directives, dkim, logs, metrics, quota, users
 from relay.config import Config, ConfigError, why
+from relay.data import Draft, pieces
 from relay.groupcommit import GroupCommit
 from relay.guard import REPLY_BANNED, Guard, client_address
 from relay.resolver import address_literal
@@ -28,7 +29,7 @@ from relay.session import (
     RelaySMTP,
     hook_names,
 )
-from relay.spool import Message, Recipient, Spool, new_id
+from relay.spool import Content, Message, Recipient, Spool, new_id
 
 DOMAIN_RE = re.compile(
     r"^([A-Za-z0-9\u0080-\U0010ffff]([A-Za-z0-9\u0080-\U0010ffff-]{0,61}"
@@ -100,9 +101,7 @@ class IntakeHandler:
         self.users_stamp: tuple[float, int] | None = None
         self.ledger = quota.Ledger(spool.run_path("quota.json"))
         # Sessions finishing DATA together share one flush (DESIGN invariant 1: group commit).
-        self.commits: GroupCommit[tuple[Message, tuple[bytes, bytes]]] = GroupCommit(
-            spool.accept_batch
-        )
+        self.commits: GroupCommit[tuple[Message, Content | None]] = GroupCommit(spool.accept_batch)
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -112,6 +111,10 @@ class IntakeHandler:
         self.tls = tls_context(cfg)
         self.signer = signer(cfg)
         self.users_stamp = None
+
+    def draft(self) -> Draft:
+        """Where a session's DATA goes while it arrives."""
+        return Draft(self.spool.spill)
 
     def plaintext_auth_allowed(self, ip: str) -> bool:
         return self.cfg.smtp.auth.plaintext_on_loopback and client_address(ip).is_loopback
@@ -262,25 +265,27 @@ class IntakeHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = time.monotonic()
-        content: bytes = envelope.original_content or b""
-        refusal = self._content_problem(content, session)
+        assert isinstance(server, RelaySMTP) and server.draft is not None
+        draft = server.draft
+        if draft.error is not None:  # the spill file could not be written: ours, so 4xx
+            return self._local_error(draft.error, action="spill")
+        refusal = self._content_problem(draft, session)
         if refusal:
             return refusal
         try:
-            content, asked = directives.extract(content, priority=self.cfg.lanes.header)
+            head, asked = directives.extract(draft.head, priority=self.cfg.lanes.header)
         except directives.DirectiveError as exc:
             return self.reject("bad_directive", str(exc), session)
-        msg = self._message(session, envelope, len(content))
+        msg = self._message(session, envelope, len(head) + draft.body_size)
         if asked.send_at is not None and asked.send_at > msg.queued_at:
             msg.send_at = msg.next_attempt = asked.send_at
-        assert isinstance(server, RelaySMTP)
         msg.lane = asked.priority or self._lane(session, server.kind)
         quotas = self._quotas(session, msg.sender)
         place, refusal = await self._reserve(msg, quotas, session)
         if refusal:
             return refusal
         header = received_header(self.cfg.smtp.hostname, server, session, envelope, msg.id)
-        if not await self._store(msg, header, content):
+        if not await asyncio.shield(self._store(msg, header, head, draft)):
             await self._release(quotas, place)
             return REPLY_LOCAL_ERROR
         self.notify(msg.id)
@@ -296,19 +301,30 @@ class IntakeHandler:
             logs.event("quota_held", id=msg.id, until=msg.quota_until, quota=quota.describe(place))
         return REPLY_QUEUED.format(msg.id)
 
-    async def _store(self, msg: Message, header: bytes, content: bytes) -> bool:
-        """Sign the message and write it durably; False (logged and counted) if that failed."""
+    async def _store(self, msg: Message, header: bytes, head: bytes, draft: Draft) -> bool:
+        """Sign the message and write it durably; False (logged and counted) if that failed.
+        Shielded by the caller: a session cut meanwhile does not leave half a message."""
+        body, spilled = draft.parts, draft.spill is not None  # before the session may let go
         try:
             # DKIM signs what leaves; our Received: is not among the signed fields.
-            if self.signer is not None:
-                header = (await asyncio.to_thread(self.signer.sign, content) or b"") + header
+            if self.signer is not None and draft.whole_head:
+                signature = await asyncio.to_thread(self.signer.sign, head, pieces(body))
+                header = (signature or b"") + header
             msg.size += len(header)
-            await self.commits.submit((msg, (header, content)))
+            content = (header, head, *body)
+            if spilled:  # large: copied in a thread of its own, not in the batch
+                await asyncio.to_thread(self.spool.write_content, msg.id, content)
+            await self.commits.submit((msg, None if spilled else content))
         except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
-            logs.failure("intake", exc, id=msg.id)
-            metrics.REJECTED.labels("local_error").inc()
+            self._local_error(exc, id=msg.id)
             return False
         return True
+
+    def _local_error(self, exc: BaseException, **fields: Any) -> str:
+        """Log and count a failure of ours while accepting; its 4xx reply."""
+        logs.failure("intake", exc, **fields)
+        metrics.REJECTED.labels("local_error").inc()
+        return REPLY_LOCAL_ERROR
 
     # --- lanes and quotas --------------------------------------------------------------------
 
@@ -376,16 +392,16 @@ class IntakeHandler:
         except Exception as exc:
             logs.failure("intake", exc, action="quota_release")
 
-    def _content_problem(self, content: bytes, session: Session) -> str | None:
+    def _content_problem(self, draft: Draft, session: Session) -> str | None:
         """Refusals decided on the message itself, or None."""
-        if has_bare_line_end(content):
+        if draft.bare_line_end:
             return self.reject("bare_line_end", REPLY_BARE_LINE_END, session)
-        if b"\0" in content:
+        if draft.nul:
             return self.reject("nul_byte", REPLY_NUL, session)
         owner = self._owner(session)
         if owner is None:
             return None
-        for address in from_addresses(content):
+        for address in from_addresses(draft.head):
             if not owner.may_send_as(address.rpartition("@")[2]):
                 reply = REPLY_FROM_NOT_OWNER.format(address, owner.name)
                 return self.reject("sender_not_owned", reply, session, user=owner.name)
@@ -537,10 +553,3 @@ def _factory(handler: IntakeHandler, kind: str) -> Callable[[], asyncio.BaseProt
         )
 
     return implicit_tls if kind == "smtps" else factory
-
-
-def has_bare_line_end(content: bytes) -> bool:
-    """Whether a CR or LF appears other than in CRLF (three counts at C speed; a regex with
-    look-arounds costs milliseconds per 100 KiB)."""
-    pairs = content.count(b"\r\n")
-    return content.count(b"\n") != pairs or content.count(b"\r") != pairs

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ HISTORY_LIMIT = 100  # attempts kept per recipient (the oldest are dropped beyon
 READ_SIZE = 64 * 1024  # bytes per read(2) of a state file (most fit in one)
 FAILED = frozenset({"failed", "expired"})
 Failure = BaseException | None  # a batch operation's result for one item
+COPY_SIZE = 256 * 1024  # bytes per read or copy of a spill file
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -188,6 +190,80 @@ class Space:
     total_inodes: int  # 0: the file system has no fixed inode count (btrfs)
 
 
+class Spill:
+    """The body of a message while it arrives, beyond what its session keeps in memory: a file
+    in tmp/ without a name (O_TMPFILE, or unlinked at once where the file system lacks it), so
+    that a cut session, a refusal or a crash leaves nothing behind. Its bytes are copied into
+    msg/<id> when the message is accepted. Its methods run in worker threads; close() from the
+    event loop waits for none of them: the descriptor is closed when the last one is done."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
+        except (AttributeError, IsADirectoryError, NotADirectoryError):  # no O_TMPFILE here
+            path = directory / f"spill.{secrets.token_hex(8)}"
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            _unlink(path)
+        self.size = 0
+        self._lock = threading.Lock()
+        self._users = 0
+        self._closed = False
+
+    def write(self, data: bytes | bytearray) -> None:
+        with self._using() as fd:
+            _write_all(fd, data)
+            self.size += len(data)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The bytes written, COPY_SIZE at a time."""
+        with self._using() as fd:
+            for offset in range(0, self.size, COPY_SIZE):
+                yield os.pread(fd, COPY_SIZE, offset)
+
+    def copy_into(self, target: int) -> None:
+        """Append every byte written to the file open as target, inside the kernel where it
+        can (copy_file_range), else through a buffer."""
+        with self._using() as fd:
+            try:
+                copied = 0
+                while copied < self.size:
+                    step = os.copy_file_range(fd, target, self.size - copied, copied)
+                    if step == 0:
+                        raise OSError(f"spill file ends at {copied} of {self.size} bytes")
+                    copied += step
+            except OSError:  # not across these file systems: rewind what was copied
+                os.lseek(target, -copied, os.SEEK_CUR)
+                for offset in range(0, self.size, COPY_SIZE):
+                    _write_all(target, os.pread(fd, COPY_SIZE, offset))
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._release()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[int]:
+        with self._lock:
+            if self._closed:
+                raise OSError(f"spill file already closed ({self.size} bytes)")
+            self._users += 1
+        try:
+            yield self._fd
+        finally:
+            with self._lock:
+                self._users -= 1
+                self._release()
+
+    def _release(self) -> None:
+        """Close the descriptor once it is closed and unused (the lock held)."""
+        if self._closed and self._users == 0:
+            os.close(self._fd)
+
+
+Content = Sequence[bytes | Spill]  # a message's content in order, as it is written to msg/
+
+
 class Spool:
     """A spool directory; see docs/spool.md for the format and the order of every write."""
 
@@ -246,25 +322,36 @@ class Spool:
 
     # --- intake ------------------------------------------------------------------------------
 
-    def accept(self, msg: Message, content: Sequence[bytes]) -> None:
+    def spill(self) -> Spill:
+        """A new nameless file in tmp/ for the body of a message being received."""
+        return Spill(self.root / TMP)
+
+    def write_content(self, msg_id: str, content: Content) -> None:
+        """Write a large message's content to msg/<id> ahead of accept_batch (which is then
+        given None), in a worker thread of its own, so that a batch never waits for a copy."""
+        self._create(self.content_path(msg_id), content)
+
+    def accept(self, msg: Message, content: Content | None) -> None:
         """Make one new message durable: accept_batch() for a batch of one; raises its error.
         Blocking: call it from a worker thread."""
         [failure] = self.accept_batch([(msg, content)])
         if failure is not None:
             raise failure
 
-    def accept_batch(self, batch: Sequence[tuple[Message, Sequence[bytes]]]) -> list[Failure]:
+    def accept_batch(self, batch: Sequence[tuple[Message, Content | None]]) -> list[Failure]:
         """Make new messages durable with one flush for all (group commit, docs/spool.md):
         each content is written under its final name in msg/ (content without a state was
         never acknowledged; recover() removes it) and each state to tmp/; one syncfs makes
         them and msg/'s entries durable; only then are the states renamed into queue/ and
         queue/ fsync'd. A state file therefore never appears before its content is durable
-        (DESIGN invariant 1). A result per message: None, or its error."""
+        (DESIGN invariant 1). A content of None was written by write_content(). A result per
+        message: None, or its error."""
         results: list[Failure] = [None] * len(batch)
         staged: list[tuple[int, str, Path]] = []
         for index, (msg, content) in enumerate(batch):
             try:
-                self._create(self.content_path(msg.id), content)
+                if content is not None:
+                    self._create(self.content_path(msg.id), content)
                 staged.append((index, msg.id, self._stage(msg.id, [_encode(msg)])))
             except OSError as exc:
                 results[index] = exc
@@ -294,12 +381,15 @@ class Spool:
         return tmp
 
     @staticmethod
-    def _create(path: Path, chunks: Iterable[bytes], *, sync: bool = False) -> None:
+    def _create(path: Path, chunks: Iterable[bytes | Spill], *, sync: bool = False) -> None:
         """Write chunks to a file that must not exist yet (fsync'd if sync); none on failure."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             for chunk in chunks:
-                _write_all(fd, chunk)
+                if isinstance(chunk, Spill):
+                    chunk.copy_into(fd)
+                else:
+                    _write_all(fd, chunk)
             if sync:
                 os.fsync(fd)
         except BaseException:
@@ -484,7 +574,7 @@ def _read(path: str) -> bytes:
     return b"".join(parts)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

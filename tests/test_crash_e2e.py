@@ -127,8 +127,9 @@ def test_corrupt_state_is_quarantined_and_the_rest_delivered(
     assert daemon.cli_json("queue", "list") == []
 
 
+@pytest.mark.parametrize("lines", [1, 20_000], ids=["small", "spilled"])
 def test_intake_write_failure_is_a_4xx_and_leaves_nothing(
-    relay: RelayFactory, sink: MxSink
+    relay: RelayFactory, sink: MxSink, lines: int
 ) -> None:
     daemon = relay()
     tmp = daemon.spool / "tmp"
@@ -137,7 +138,7 @@ def test_intake_write_failure_is_a_4xx_and_leaves_nothing(
     with daemon.smtp() as client:
         client.mail("app@sender.test")
         client.rcpt("user@a.test")
-        code, text = client.data(b"Subject: x\r\n\r\nbody\r\n")
+        code, text = client.data(b"Subject: x\r\n\r\n" + b"body line\r\n" * lines)
     assert (code, text[:5]) == (451, b"4.3.0")
     assert os.listdir(daemon.spool / "queue") == []
     assert os.listdir(daemon.spool / "msg") == []

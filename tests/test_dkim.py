@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import itertools
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -10,9 +12,11 @@ from pathlib import Path
 import dkim  # type: ignore[import-untyped]
 import dns.resolver
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.config import DEFAULT_DKIM_HEADERS, DkimConfig, DkimKey
-from relay.dkim import DkimError, Signer, keygen
+from relay.dkim import DkimError, Signer, body_hash, keygen
 from tests.support.dns import DnsServer
 
 DOMAIN, SELECTOR = "example.test", "s1"
@@ -65,6 +69,14 @@ def published(generated: tuple[bytes, str], dns_server: DnsServer) -> DnsServer:
     return dns_server
 
 
+def whole(signer: Signer, message: bytes) -> bytes | None:
+    """Sign a whole message as the intake does: the header block, then the body in pieces."""
+    end = message.find(b"\r\n\r\n")
+    cut = len(message) if end < 0 else end + 4
+    body = message[cut:]
+    return signer.sign(message[:cut], (body[i : i + 7] for i in range(0, len(body), 7)))
+
+
 def signer(key_file: Path, headers: tuple[str, ...] = DEFAULT_DKIM_HEADERS) -> Signer:
     return Signer(DkimConfig(keys=(DkimKey(DOMAIN, SELECTOR, key_file),), headers=headers))
 
@@ -102,7 +114,7 @@ def signed_headers(signature: bytes) -> list[str]:
 def test_signed_message_verifies_against_the_published_record(
     key_file: Path, published: DnsServer
 ) -> None:
-    signature = signer(key_file).sign(MESSAGE)
+    signature = whole(signer(key_file), MESSAGE)
 
     assert signature is not None
     assert signature.startswith(b"DKIM-Signature: ") and signature.endswith(b"\r\n")
@@ -132,7 +144,7 @@ def test_signed_message_verifies_against_the_published_record(
 def test_what_breaks_the_signature(
     key_file: Path, published: DnsServer, change: Callable[[bytes], bytes], still_verifies: bool
 ) -> None:
-    signature = signer(key_file).sign(MESSAGE)
+    signature = whole(signer(key_file), MESSAGE)
     assert signature is not None
     assert verifies(signature + MESSAGE, published)
 
@@ -163,7 +175,7 @@ def test_signing_domain_is_the_from_address_domain(
 ) -> None:
     message = from_lines + b"To: bob@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
 
-    signature = signer(key_file).sign(message)
+    signature = whole(signer(key_file), message)
 
     if domain is None:
         assert signature is None
@@ -174,7 +186,7 @@ def test_signing_domain_is_the_from_address_domain(
 
 
 def test_message_that_is_not_rfc_5322_is_not_signed(key_file: Path) -> None:
-    assert signer(key_file).sign(b"From: alice@example.test\r\nnot a header\r\n\r\nx\r\n") is None
+    assert whole(signer(key_file), b"From: alice@example.test\r\nnot a header\r\n\r\nx\r\n") is None
 
 
 def test_h_lists_configured_headers_present_once_per_instance(
@@ -183,8 +195,8 @@ def test_h_lists_configured_headers_present_once_per_instance(
     message = b"To: carol@example.org\r\n" + MESSAGE
     headers = ("to", "subject", "received", "x-mailer", "cc", "bcc")
 
-    default = signed_headers(signer(key_file).sign(message) or b"")
-    configured = signer(key_file, headers).sign(message)
+    default = signed_headers(whole(signer(key_file), message) or b"")
+    configured = whole(signer(key_file, headers), message)
 
     assert default == ["from", "subject", "date", "to", "to", "message-id"]
     assert configured is not None
@@ -197,8 +209,8 @@ def test_h_lists_configured_headers_present_once_per_instance(
 def test_no_key_for_the_from_domain_means_no_signature(key_file: Path) -> None:
     other = Signer(DkimConfig(keys=(DkimKey("other.test", SELECTOR, key_file),)))
 
-    assert other.sign(MESSAGE) is None
-    assert Signer(DkimConfig()).sign(MESSAGE) is None
+    assert whole(other, MESSAGE) is None
+    assert whole(Signer(DkimConfig()), MESSAGE) is None
 
 
 def damaged(pem: bytes) -> bytes:
@@ -243,7 +255,7 @@ def test_unusable_key_file_is_one_line_naming_it(
 def test_key_file_with_crlf_line_endings_loads(key_file: Path, published: DnsServer) -> None:
     key_file.write_bytes(key_file.read_bytes().replace(b"\n", b"\r\n"))
 
-    signature = signer(key_file).sign(MESSAGE)
+    signature = whole(signer(key_file), MESSAGE)
 
     assert signature is not None and verifies(signature + MESSAGE, published)
 
@@ -284,3 +296,18 @@ def test_keygen_makes_keys_of_the_size_asked(bits: int, tmp_path: Path) -> None:
 def test_keygen_refuses_keys_below_1024_bits() -> None:
     with pytest.raises(DkimError, match=r"^512-bit RSA key: RFC 8301 §3.2 requires at least 1024$"):
         keygen(DOMAIN, SELECTOR, 512)
+
+
+WORDS = st.sampled_from([b"a", b" ", b"\t", b"b  c", b"d \t ", b".", b"\xc3\xa9"])
+LINES = st.lists(st.lists(WORDS, max_size=4).map(b"".join), max_size=30).map(
+    lambda lines: b"".join(line + b"\r\n" for line in lines)
+)
+
+
+@given(body=LINES, cuts=st.lists(st.integers(0, 200), max_size=6))
+def test_body_hash_in_pieces_is_dkimpys_relaxed_body_hash(body: bytes, cuts: list[int]) -> None:
+    """RFC 6376 §3.4.4 fed in pieces cut anywhere equals dkimpy's hash of the whole body."""
+    bounds = [0, *sorted(min(c, len(body)) for c in cuts), len(body)]
+    pieces = [body[a:b] for a, b in itertools.pairwise(bounds)]
+    relaxed = dkim.canonicalization.Relaxed.canonicalize_body(body)
+    assert body_hash(pieces) == hashlib.sha256(relaxed).digest()

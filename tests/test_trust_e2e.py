@@ -306,8 +306,9 @@ def test_bad_certificate_stops_the_start_in_one_line(relay: RelayFactory, tmp_pa
     assert proc.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("lines", [1, 40_000], ids=["small", "spilled"])
 def test_dkim_signatures_verify_against_dns(
-    relay: RelayFactory, sink: MxSink, dns_server: DnsServer, tmp_path: Path
+    relay: RelayFactory, sink: MxSink, dns_server: DnsServer, tmp_path: Path, lines: int
 ) -> None:
     key = tmp_path / "sender.test.s1.key"
     daemon = relay({"dkim": {"keys": [{"domain": "sender.test", "selector": "s1", "key_file": str(key)}]}},
@@ -317,7 +318,8 @@ def test_dkim_signatures_verify_against_dns(
     assert (name, klass, rdtype) == ("s1._domainkey.sender.test.", "IN", "TXT")
     dns_server.record("s1._domainkey.sender.test", "TXT", " ".join(strings))
     daemon.start()
-    body = b"From: App <app@sender.test>\r\nTo: user@a.test\r\nSubject: signed\r\n\r\nhello\r\n"
+    head = b"From: App <app@sender.test>\r\nTo: user@a.test\r\nSubject: signed\r\n\r\n"
+    body = head + b"hello  \t there\r\n" * lines + b"\r\n\r\n"  # relaxed: spaces, empty lines
     daemon.send(["user@a.test"], body)
     [got] = sink.wait_for(1)
     assert got.data.startswith(b"DKIM-Signature: ")
