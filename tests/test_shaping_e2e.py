@@ -141,5 +141,6 @@ def test_listing_says_why_each_message_waits(relay: RelayFactory, sink: MxSink) 
     assert value(daemon, "relay_queue_messages", state="held") == 1
     assert value(daemon, "relay_queue_messages", state="quota") == 1
     assert value(daemon, "relay_queue_messages", state="scheduled") == 1
-    assert value(daemon, "relay_queue_messages", state="active") == 1
+    # One of the three is always in its 3 s attempt, but between two of them none is.
+    eventually(lambda: value(daemon, "relay_queue_messages", state="active") == 1)
     daemon.cli("queue", "delete", "ALL")
