@@ -70,6 +70,8 @@ def event(name: str, **fields: Any) -> None:
     reply = fields.pop("reply", None)
     if isinstance(reply, Reply):
         fields.update(reply=str(reply), code=reply.code, enhanced=reply.enhanced)
+    elif reply is not None:  # a reply of ours, already its text (rejected)
+        fields["reply"] = reply
     getattr(structlog.get_logger(), level)(name, **fields)
 
 

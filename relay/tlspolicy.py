@@ -188,12 +188,19 @@ class TlsPolicy:
         return parse_policy(text)
 
     async def _addresses(self, name: dns.name.Name) -> list[str]:
-        """name's IPv4 addresses, else its IPv6 ones, from the configured name servers."""
+        """name's IPv4 addresses, else its IPv6 ones, from the configured name servers; a
+        query that fails does not hide the other's answer (RFC 4074, as for MX hosts)."""
+        failed = []
         for rdtype in ("A", "AAAA"):
-            answer = await self._dns.resolve(name, rdtype, raise_on_no_answer=False)
+            try:
+                answer = await self._dns.resolve(name, rdtype, raise_on_no_answer=False)
+            except dns.exception.DNSException as exc:
+                failed.append(f"{rdtype}: {exc}")
+                continue
             if addresses := [record.address for record in answer]:
                 return addresses
-        raise PolicyError(f"{name.to_text(omit_final_dot=True)} has no address")
+        why = f" ({'; '.join(failed)})" if failed else ""
+        raise PolicyError(f"{name.to_text(omit_final_dot=True)} has no address{why}")
 
     def _remember(self, domain: str, entry: _Cached) -> None:
         self._cache.pop(domain, None)

@@ -70,6 +70,7 @@ def test_relay_denied_outside_relay_networks(relay: RelayFactory, sink: MxSink) 
     assert replies[-1].startswith(b"554 5.7.1 <victim@a.test>: Relay access denied")
     [rejected] = daemon.wait_event("rejected", reason="relay_denied")
     assert rejected["client"] == "127.0.0.1"
+    assert rejected["reply"] == "554 5.7.1 <victim@a.test>: Relay access denied"
     assert list((daemon.spool / "queue").iterdir()) == []
 
 

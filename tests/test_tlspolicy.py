@@ -502,3 +502,23 @@ def test_policy_host_without_address_is_no_policy(
         "opportunistic", "default"
     )
     assert sts.count == 0
+
+
+@pytest.mark.parametrize("fault", ["refuse", "servfail", "drop"])
+def test_policy_host_whose_a_query_fails_is_reached_over_ipv6(
+    dns_server: DnsServer, authority: Authority, fault: str
+) -> None:
+    """RFC 4074: a failing A query does not hide the AAAA answer (nor the reverse)."""
+    name = f"mta-sts.{DOMAIN}"
+    server = PolicyServer("::1", authority.server_tls(name))
+    try:
+        server.serve(policy("enforce", "mx1.example.test"))
+        publish(dns_server, DOMAIN, "1")
+        dns_server.a(name, STS_IP)  # an address that would refuse the connection
+        dns_server.aaaa(name, "::1")
+        getattr(dns_server, fault)(name, "A")
+        found = lookup(TlsPolicy(config(dns_server, authority, server)))
+    finally:
+        server.close()
+    assert found.allows("mx1.example.test") and not found.allows("mx2.example.test")
+    assert server.count == 1

@@ -4,6 +4,7 @@ the test scripts (a policy, an error status, silence) and counts the requests.""
 from __future__ import annotations
 
 import contextlib
+import socket
 import socketserver
 import ssl
 import threading
@@ -97,6 +98,8 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def __init__(self, address: tuple[str, int], sts: PolicyServer) -> None:
         self.sts = sts
+        if ":" in address[0]:  # ::1
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
 
 
