@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/relay.yaml
 
-.PHONY: run test lint check-config system-venv bench bench-scale bench-tools clean
+.PHONY: run test lint check-config system-venv bench bench-postfix-tuning bench-scale bench-memory bench-tools clean
 
 $(BIN)/python:
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory system-venv
@@ -38,16 +38,29 @@ lint: $(VENV)/.installed
 test: lint
 	$(BIN)/pytest
 
-# Side by side with Postfix (its smtp-source, smtp-sink and a private Postfix instance):
-# a Markdown table and raw JSON in bench/results/. BENCH_ARGS=--runs 1 for a quick look.
+# Side by side with Postfix (its smtp-source, smtp-sink and private Postfix instances): the relay,
+# Postfix tuned as a pure relay and the bench's earlier Postfix, alternating in rounds, more
+# rounds where a case's ratios spread wide; a Markdown table and raw JSON in bench/results/
+# (15-25 minutes). BENCH_ARGS="--runs 1" for a quick look.
 bench: $(VENV)/.installed bench-tools
 	$(BIN)/python bench/compare.py $(BENCH_ARGS)
+
+# Postfix alone: the tuned configuration without each of its settings, alternating in rounds
+# (bench/results/postfix-tuning.json; about 20 minutes). TUNING_ARGS="--runs 1" for a quick look.
+bench-postfix-tuning: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/postfix_tuning.py $(TUNING_ARGS)
 
 # 1,000,000 deferred messages in a spool, then the relay started on it: first delivery, the
 # scheduler's RSS, `relay queue summary` (bench/results/scale.json; about 20 minutes, most of
 # it writing and removing two million files). SCALE_ARGS="--messages 100000" for a quick look.
 bench-scale: $(VENV)/.installed bench-tools
 	$(BIN)/python bench/scale.py $(SCALE_ARGS)
+
+# The intake's memory with 30 and 300 sessions in DATA at once, 5 MB and 25 MB messages, every
+# one checked at a sink (bench/results/data-memory-latest.json and .md; 7.5 GB through the
+# spool in the largest case). MEMORY_ARGS="--sessions 30 --sizes 5M" for a quick look.
+bench-memory: $(VENV)/.installed
+	$(BIN)/python bench/data_memory.py $(MEMORY_ARGS)
 
 # Debian's postfix, installed without configuring the system's own mail service.
 bench-tools:

@@ -1,44 +1,41 @@
-"""Side-by-side benchmark: the relay and Postfix (a pure relay, same machine, same sink), fed by
-Postfix's smtp-source and delivering to its smtp-sink on loopback, run alternately; writes a
-Markdown table and the raw JSON under bench/results/ (every loop bounded in count and time)."""
+"""Side-by-side benchmark: the relay, a tuned Postfix and the bench's earlier Postfix (each a pure
+relay on the same machine to the same sink), fed by Postfix's smtp-source and delivering to its
+smtp-sink on loopback, alternating within each round and adding rounds where a case's ratios
+spread wide; writes a Markdown table and the raw JSON under bench/results/ (every loop bounded in
+count and time)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import platform
 import re
 import shutil
-import signal
 import smtplib
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import paced
+from systems import TUNING, Sink, System, instance
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import paced  # noqa: E402
-
-from tests.support.daemon import Relay, free_port  # noqa: E402
-
-SINK_IP = "127.0.0.3"
 SENDER, RCPT = "bench@source.test", "user@sink.test"
 PROBE_EVERY = 0.05  # seconds between latency probes while smtp-source loads the server
-COUNT_RE = re.compile(rb"mesg=(\d+)")
 HALF_BASIS = 20  # sessions whose max rate the half-load cases take half of
+# The relay, the tuned Postfix the ratios are taken against, the bench's Postfix before issue 12.
+SYSTEMS = ("relay", "postfix", "postfix-old")
+RELAY, POSTFIX, OLD = SYSTEMS
 
 
 @dataclass(frozen=True)
@@ -46,116 +43,6 @@ class Case:
     size: int  # bytes per message
     sessions: int  # smtp-source's parallel sessions
     messages: int
-
-
-class Sink:
-    """smtp-sink on SINK_IP:port, its running message counter read from its output."""
-
-    def __init__(self) -> None:
-        self.port = free_port(SINK_IP)
-        self.count = 0
-        self.proc = subprocess.Popen(
-            ["smtp-sink", "-u", "postfix", "-c", f"{SINK_IP}:{self.port}", "1024"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_port(SINK_IP, self.port)
-
-    def _read(self) -> None:
-        stdout = self.proc.stdout
-        assert isinstance(stdout, io.BufferedReader)
-        while chunk := stdout.read1(65536):
-            found = COUNT_RE.findall(chunk)
-            if found:
-                self.count = int(found[-1])
-
-    def wait_for(self, count: int, deadline: float) -> bool:
-        while self.count < count:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
-
-    def close(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=10)
-
-
-class Postfix:
-    """A private Postfix instance (own config and queue directories) relaying everything on
-    127.0.0.1:port to the sink, with its default durability (queue files fsync'd before 250)."""
-
-    def __init__(self, root: Path, sink_port: int) -> None:
-        self.port = free_port()
-        self.etc, self.spool = root / "etc", root / "spool"
-        for directory in (self.etc, self.spool, root / "data"):
-            directory.mkdir(parents=True)
-        shutil.chown(root / "data", "postfix")
-        master = Path("/usr/share/postfix/master.cf.dist").read_text()
-        master = re.sub(r"^smtp\s+inet\s.*$", f"127.0.0.1:{self.port} inet n - y - - smtpd",
-                        master, count=1, flags=re.M)  # fmt: skip
-        (self.etc / "master.cf").write_text(master)
-        (self.etc / "main.cf").write_text(
-            "\n".join([
-                "compatibility_level = 3.6",
-                f"queue_directory = {self.spool}",
-                f"data_directory = {root / 'data'}",
-                "mail_owner = postfix",
-                "setgid_group = postdrop",
-                "inet_interfaces = 127.0.0.1",
-                "inet_protocols = ipv4",
-                "myhostname = postfix.bench.test",
-                "mydestination =",
-                "mynetworks = 127.0.0.0/8",
-                f"relayhost = [{SINK_IP}]:{sink_port}",
-                "smtpd_relay_restrictions = permit_mynetworks, reject",
-                "smtp_tls_security_level = none",
-                "default_process_limit = 200",
-                f"maillog_file_prefixes = {root}",
-                f"maillog_file = {root / 'maillog'}",
-                "",
-            ])
-        )  # fmt: skip
-        self.env = dict(os.environ)
-        # Creates the queue tree; its first run on a new queue exits 1 over mere warnings.
-        subprocess.run(["postfix", "-c", str(self.etc), "check"], env=self.env, check=False,
-                       capture_output=True)  # fmt: skip
-        subprocess.run(["postfix", "-c", str(self.etc), "start"], env=self.env, check=True,
-                       capture_output=True)  # fmt: skip
-        wait_port("127.0.0.1", self.port)
-
-    def pids(self) -> list[int]:
-        master = int((self.spool / "pid" / "master.pid").read_text().split()[0])
-        return [master, *descendants(master)]
-
-    def close(self) -> None:
-        subprocess.run(["postfix", "-c", str(self.etc), "stop"], env=self.env,
-                       capture_output=True, check=False)  # fmt: skip
-
-
-class RelayUnderTest:
-    """The relay daemon with a catch-all route to the sink (as Postfix's relayhost)."""
-
-    def __init__(self, root: Path, sink_port: int) -> None:
-        route = {"host": SINK_IP, "port": sink_port, "tls": "none"}
-        self.relay = Relay(root, {"routes": [{"domains": ["*"], "via": [route]}]})
-        self.relay.start()
-        self.port = self.relay.port
-
-    def pids(self) -> list[int]:
-        assert self.relay.proc is not None
-        return [self.relay.proc.pid, *descendants(self.relay.proc.pid)]
-
-    def close(self) -> None:
-        self.relay.stop()
-        self.relay.close()
-
-
-def descendants(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
-                         text=True, check=False).stdout.split()  # fmt: skip
-    children = [int(p) for p in out]
-    return children + [g for c in children for g in descendants(c)]
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -170,16 +57,18 @@ def rss_kib(pids: list[int]) -> int:
     return total
 
 
-def wait_port(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU of the processes and of their children that have exited (a parent
+    that reaped them holds their time: Postfix's master reaps its daemons)."""
+    ticks = 0
+    for pid in pids:
         try:
-            with smtplib.SMTP(host, port, timeout=2) as client:
-                client.noop()
-            return
+            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing answers SMTP on {host}:{port}")
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        ticks += sum(int(value) for value in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
@@ -213,7 +102,7 @@ def message(size: int) -> bytes:
     return b"Subject: probe\r\n\r\n" + (b"x" * 76 + b"\r\n") * max(1, size // 78)
 
 
-def measure(system: Any, sink: Sink, case: Case, limit: float) -> dict[str, Any]:
+def measure(system: System, sink: Sink, case: Case, limit: float) -> dict[str, Any]:
     """Load the system with smtp-source; time acceptance and the sink's count; sample RSS
     and accept latency (a probe message every PROBE_EVERY s) meanwhile."""
     deadline = time.monotonic() + limit
@@ -232,7 +121,7 @@ def measure(system: Any, sink: Sink, case: Case, limit: float) -> dict[str, Any]
             except (OSError, smtplib.SMTPException) as exc:
                 failures.append(str(exc))
 
-    start_count = sink.count
+    start_count, cpu = sink.count, cpu_seconds(system.pids())
     stop = threading.Event()
     prober = threading.Thread(target=probe_loop, args=(stop,), daemon=True)
     with sampling(sample, 0.1):
@@ -250,6 +139,7 @@ def measure(system: Any, sink: Sink, case: Case, limit: float) -> dict[str, Any]
         expected = start_count + case.messages + len(latencies)
         complete = sink.wait_for(expected, deadline)
         total = time.perf_counter() - t0
+    cpu = cpu_seconds(system.pids()) - cpu
     latencies.sort()
     return {
         "accept_per_s": round(case.messages / accepted, 1),
@@ -259,6 +149,7 @@ def measure(system: Any, sink: Sink, case: Case, limit: float) -> dict[str, Any]
         "probes": len(latencies),
         "probe_failures": failures[:3],
         "peak_rss_mib": round(peak[0] / 1024, 1),
+        "cpu_ms_per_message": round(cpu * 1000 / (case.messages + len(latencies)), 3),
         "complete": complete,
     }
 
@@ -267,28 +158,12 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(len(values) * q))]
 
 
-@contextmanager
-def instance(name: str) -> Iterator[tuple[Any, Sink]]:
-    """A fresh sink and a fresh system under test relaying to it, both stopped afterwards."""
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-        os.chmod(tmp, 0o755)  # Postfix's unprivileged processes must reach their queue
-        sink = Sink()
-        system: Any = None
-        try:
-            system = (Postfix if name == "postfix" else RelayUnderTest)(Path(tmp), sink.port)
-            yield system, sink
-        finally:
-            if system is not None:
-                system.close()
-            sink.close()
-
-
 def run_one(name: str, case: Case, limit: float) -> dict[str, Any]:
     with instance(name) as (system, sink):
         return measure(system, sink, case, limit)
 
 
-def measure_half(system: Any, sink: Sink, size: int, rate: float, args: Any) -> dict[str, Any]:
+def measure_half(system: System, sink: Sink, size: int, rate: float, args: Any) -> dict[str, Any]:
     """Paced open-loop load (bench/paced.py) at `rate`, then wait for the sink to have it all."""
     deadline = time.monotonic() + args.max_seconds
     start_count = sink.count
@@ -315,54 +190,110 @@ def half_rates(raw: list[dict[str, Any]], sizes: list[int]) -> dict[int, tuple[f
     sessions measured), and the sessions it was taken at."""
     rates = {}
     for size in sizes:
-        measured = {r["sessions"] for r in select(raw, "max_rate", "relay", size=size)}
+        measured = {r["sessions"] for r in select(raw, "max_rate", RELAY, size=size)}
         if not measured:
             continue
         basis = HALF_BASIS if HALF_BASIS in measured else max(measured)
-        accept = median_of(select(raw, "max_rate", "relay", size=size, sessions=basis),
+        accept = median_of(select(raw, "max_rate", RELAY, size=size, sessions=basis),
                            "accept_per_s")  # fmt: skip
         rates[size] = (round((accept or 0) / 2, 1), basis)
     return rates
 
 
-def alternate(runs: int) -> Iterator[tuple[int, str]]:
-    """(run, system) in the order run: relay first on even runs, Postfix first on odd ones."""
-    for run in range(runs):
-        for name in ("relay", "postfix") if run % 2 == 0 else ("postfix", "relay"):
-            yield run, name
+def rotation(systems: Sequence[str], round_: int) -> list[str]:
+    """The order of one round: each round starts one system further on, so every system takes
+    every place in turn (this machine's speed drifts within minutes)."""
+    shift = round_ % len(systems)
+    return [*systems[shift:], *systems[:shift]]
 
 
-def run_cases(cases: list[Case], args: Any) -> list[dict[str, Any]]:
+def run_rounds(cases: list[Case], systems: Sequence[str], args: Any) -> list[dict[str, Any]]:
+    """Every case: rounds of all systems in rotation, args.runs of them, then more while the
+    first two systems' per-round ratios spread wide, within the case's share of the budget
+    (more_rounds)."""
     raw: list[dict[str, Any]] = []
-    for case in cases:
-        for run, name in alternate(args.runs):
-            measured = run_one(name, case, args.max_seconds)
-            raw.append({"kind": "max_rate", "system": name, "run": run, **vars(case), **measured})
-            print(json.dumps(raw[-1]), flush=True)
+    started = time.monotonic()
+    for index, case in enumerate(cases):
+        share = started + args.budget * 60 * (index + 1) / len(cases)
+        rows: list[dict[str, Any]] = []
+        for round_ in range(max(args.runs, args.max_runs)):
+            if not more_rounds(rows, round_, systems, args, share):
+                break
+            for name in rotation(systems, round_):
+                measured = run_one(name, case, args.max_seconds)
+                rows.append({"kind": "max_rate", "system": name, "run": round_, **vars(case),
+                             **measured})  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+        raw += rows
     return raw
 
 
-def run_half(rates: dict[int, tuple[float, int]], args: Any) -> list[dict[str, Any]]:
+def more_rounds(
+    rows: list[dict[str, Any]], done: int, systems: Sequence[str], args: Any, until: float
+) -> bool:
+    """args.runs rounds; then another while the end-to-end ratio of the first two systems
+    (relay / Postfix) varies between rounds by more than args.spread of its median, up to
+    args.max_runs rounds and only until `until` (monotonic): the cases share args.budget, so an
+    early noisy case cannot take the later ones' extra rounds."""
+    if done < args.runs:
+        return True
+    if time.monotonic() > until:
+        return False
+    ratios = round_ratios(rows, "end_to_end_per_s", systems[0], systems[1])
+    return spread(ratios) > float(args.spread)
+
+
+def run_half(
+    rates: dict[int, tuple[float, int]], systems: Sequence[str], args: Any
+) -> list[dict[str, Any]]:
     raw: list[dict[str, Any]] = []
     for size, (rate, basis) in rates.items():
         if rate <= 0:
             continue
-        for run, name in alternate(args.runs):
-            with instance(name) as (system, sink):
-                measured = measure_half(system, sink, size, rate, args)
-            head = {"kind": "half_load", "system": name, "run": run, "size": size}
-            raw.append({**head, "basis_sessions": basis, "rate_per_s": rate, **measured})
-            print(json.dumps(raw[-1]), flush=True)
+        for run in range(args.runs):
+            for name in rotation(systems, run):
+                with instance(name) as (system, sink):
+                    measured = measure_half(system, sink, size, rate, args)
+                head = {"kind": "half_load", "system": name, "run": run, "size": size}
+                raw.append({**head, "basis_sessions": basis, "rate_per_s": rate, **measured})
+                print(json.dumps(raw[-1]), flush=True)
     return raw
+
+
+def rounds_arguments(
+    parser: argparse.ArgumentParser, runs: int, max_runs: int, sessions: str, systems: Sequence[str]
+) -> None:
+    """The options of a run in rounds, shared with bench/postfix_tuning.py."""
+    parser.add_argument("--sessions", default=sessions, help="comma-separated")
+    parser.add_argument("--sizes", default="1024,102400", help="bytes, comma-separated")
+    parser.add_argument("--systems", default=",".join(systems),
+                        help="comma-separated names (bench/systems.py)")  # fmt: skip
+    parser.add_argument("--runs", type=int, default=runs, help="rounds of every case")
+    parser.add_argument("--max-runs", type=int, default=max_runs,
+                        help="rounds of a case whose ratios spread beyond --spread")  # fmt: skip
+    parser.add_argument("--spread", type=float, default=0.15,
+                        help="(max - min) / median of a case's per-round ratios")  # fmt: skip
+    parser.add_argument("--budget", type=float, default=30.0,
+                        help="minutes of rounds; each case may start extra rounds until its share "
+                             "of them has passed")  # fmt: skip
+    parser.add_argument(
+        "--messages", type=int, default=1000, help="per run at 1 KiB; half at 100 KiB"
+    )
+    parser.add_argument("--max-seconds", type=float, default=90.0, help="per run")
+
+
+def make_cases(args: Any) -> list[Case]:
+    """Every size with every session count; messages over 10 KiB get half the count."""
+    return [
+        Case(size, sessions, args.messages if size <= 10_240 else max(1, args.messages // 2))
+        for size in map(int, args.sizes.split(","))
+        for sessions in map(int, args.sessions.split(","))
+    ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3, help="runs of each system per case")
-    parser.add_argument("--messages", type=int, default=1000, help="per run at 1 KiB")
-    parser.add_argument("--sessions", default="1,20,100", help="comma-separated")
-    parser.add_argument("--sizes", default="1024,102400", help="bytes, comma-separated")
-    parser.add_argument("--max-seconds", type=float, default=90.0, help="per run")
+    rounds_arguments(parser, runs=3, max_runs=7, sessions="1,20,100", systems=SYSTEMS)
     parser.add_argument("--half-seconds", type=float, default=15.0,
                         help="each paced run at 50%% of the relay's max rate")  # fmt: skip
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -377,18 +308,19 @@ def main() -> None:
         return
     if shutil.which("smtp-source") is None:
         sys.exit("bench: smtp-source not found; `make bench` installs Debian's postfix")
-    sizes = [int(size) for size in args.sizes.split(",")]
-    cases = [
-        Case(size, sessions, args.messages if size <= 10_240 else max(1, args.messages // 2))
-        for size in sizes
-        for sessions in map(int, args.sessions.split(","))
-    ]
-    raw = run_cases(cases, args)
-    raw += run_half(half_rates(raw, sizes), args)
-    write(out, raw, scale)
+    started, systems = time.monotonic(), args.systems.split(",")
+    cases = make_cases(args)
+    raw = run_rounds(cases, systems, args)
+    raw += run_half(half_rates(raw, sorted({case.size for case in cases})), systems, args)
+    write(
+        out,
+        raw,
+        scale,
+        {"systems": systems, "minutes": round((time.monotonic() - started) / 60, 1)},
+    )
 
 
-def write(out: Path, raw: list[dict[str, Any]], scale: Path) -> None:
+def write(out: Path, raw: list[dict[str, Any]], scale: Path, extra: dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     version = subprocess.run(
         ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
@@ -397,6 +329,8 @@ def write(out: Path, raw: list[dict[str, Any]], scale: Path) -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "postfix": version.stdout.strip(),
+        "postfix_tuning": {name: setting.lines() for name, setting in TUNING.items()},
+        **extra,
     }
     results = {**meta, "runs": raw}
     (out / "latest.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -406,7 +340,7 @@ def write(out: Path, raw: list[dict[str, Any]], scale: Path) -> None:
 def publish(out: Path, results: dict[str, Any], scale: Path) -> None:
     """Render latest.md from the results (and scale.json when there is one); print it."""
     scaled = json.loads(scale.read_text()) if scale.is_file() else None
-    raw = results["runs"]
+    raw = legacy(results)
     cases = list(dict.fromkeys(
         Case(r["size"], r["sessions"], r["messages"]) for r in raw
         if r.get("kind", "max_rate") == "max_rate"))  # fmt: skip
@@ -415,37 +349,59 @@ def publish(out: Path, results: dict[str, Any], scale: Path) -> None:
     print(text)
 
 
-METRICS = (
-    ("end_to_end_per_s", "end to end/s"), ("accept_per_s", "accepted/s"),
+def legacy(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs; in results from before issue 12 (no "systems") "postfix" was what is now
+    "postfix-old"."""
+    if "systems" in results:
+        return list(results["runs"])
+    return [
+        {**r, "system": OLD if r["system"] == POSTFIX else r["system"]} for r in results["runs"]
+    ]
+
+
+RATES = (("end_to_end_per_s", "end to end/s"), ("accept_per_s", "accepted/s"))
+OTHERS = (
     ("accept_p50_ms", "accept p50 ms"), ("accept_p99_ms", "accept p99 ms"),
-    ("peak_rss_mib", "peak RSS MiB"),
+    ("peak_rss_mib", "peak RSS MiB"), ("cpu_ms_per_message", "CPU ms/message"),
 )  # fmt: skip
 HALF_METRICS = (("accept_p50_ms", "accept p50 ms"), ("accept_p99_ms", "accept p99 ms"))
-SYSTEMS = ("relay", "postfix")
 
 
 def render(raw: list[dict[str, Any]], cases: list[Case], meta: dict[str, Any], scale: Any) -> str:
-    """The targets, then the median of the runs per case and system and the relay/Postfix
-    ratio of each: at max rate (smtp-source), then at 50% of the relay's max rate (paced)."""
+    """The targets, then per case and system the median of the rounds with their range, and
+    the relay / Postfix ratios: at max rate (smtp-source), then at 50% of the relay's max rate
+    (paced)."""
+    took = f" The whole run took {meta['minutes']:g} min." if "minutes" in meta else ""
     return "\n".join([
         f"Benchmark {meta['date']} on {meta['machine']}; Postfix {meta['postfix']}. "
-        "Median of each system's runs (alternating); ratio = relay / Postfix.",
+        "Postfix is tuned as a pure relay to one next hop (bench/systems.py TUNING, "
+        "bench/results/postfix-tuning.md); old Postfix is the bench's configuration before "
+        "issue 12. The systems alternate within each round; a figure is the median of the "
+        "rounds with their range (min-max), a ratio the median of the per-round ratios "
+        f"relay / Postfix with their range.{took}",
         "", *render_targets(raw, scale),
-        "", "## Max rate (smtp-source)", "", *render_max(raw, cases),
+        "", "## Max rate (smtp-source)", "", *render_metrics(raw, cases, RATES, spread_cell),
+        "", *render_metrics(raw, cases, OTHERS, median_cell),
         "", "## Accept latency at 50% of the relay's max rate", "", *render_half(raw),
     ]) + "\n"  # fmt: skip
 
 
-def render_max(raw: list[dict[str, Any]], cases: list[Case]) -> list[str]:
+def render_metrics(
+    raw: list[dict[str, Any]], cases: list[Case], metrics: tuple[tuple[str, str], ...], cell: Cell
+) -> list[str]:
+    """One row per case: each metric's relay, Postfix, old Postfix (by `cell`) and ratios."""
     lines = [
-        "| size | sessions | messages | " + " | ".join(
-            f"{title} relay | Postfix | ratio" for _, title in METRICS) + " |",
-        "|---|---|---|" + "---|---|---|" * len(METRICS),
+        "| size | sessions | messages | rounds | " + " | ".join(
+            f"{title} relay | Postfix | ratio | old Postfix | ratio to old"
+            for _, title in metrics) + " |",
+        "|---|---|---|---|" + "---|---|---|---|---|" * len(metrics),
     ]  # fmt: skip
     for case in cases:
-        cells = [f"{case.size // 1024} KiB", str(case.sessions), str(case.messages)]
-        for key, _ in METRICS:
-            cells += compared(raw, "max_rate", key, size=case.size, sessions=case.sessions)
+        match = {"size": case.size, "sessions": case.sessions}
+        rounds = len({r["run"] for r in select(raw, "max_rate", RELAY, **match)})
+        cells = [f"{case.size // 1024} KiB", str(case.sessions), str(case.messages), str(rounds)]
+        for key, _ in metrics:
+            cells += compared(raw, "max_rate", key, cell, **match)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -457,19 +413,21 @@ def render_half(raw: list[dict[str, Any]]) -> list[str]:
         "250 after DATA; rate = 50% of the relay's median accepted/s at the sessions shown. "
         "Errors (not accepted) and late starts (> 10 ms behind schedule) summed over the runs.",
         "",
-        "| size | sessions | rate/s | messages | achieved/s relay | Postfix | "
-        + " | ".join(f"{title} relay | Postfix | ratio" for _, title in HALF_METRICS)
-        + " | errors relay | Postfix | late relay | Postfix |",
-        "|---|---|---|---|---|---|" + "---|---|---|" * len(HALF_METRICS) + "---|---|---|---|",
-    ]
+        "| size | sessions | rate/s | messages | achieved/s relay | Postfix | old Postfix | "
+        + " | ".join(f"{title} relay | Postfix | ratio | old Postfix | ratio to old"
+                     for _, title in HALF_METRICS)
+        + " | errors relay | Postfix | old Postfix | late relay | Postfix | old Postfix |",
+        "|---|---|---|---|---|---|---|" + "---|---|---|---|---|" * len(HALF_METRICS)
+        + "---|---|---|---|---|---|",
+    ]  # fmt: skip
     for size, rate, basis in half_cases(raw):
         rows = {name: select(raw, "half_load", name, size=size) for name in SYSTEMS}
-        cells = [f"{size // 1024} KiB", str(basis), fmt(rate), fmt(rows["relay"][0]["messages"])]
+        cells = [f"{size // 1024} KiB", str(basis), fmt(rate), fmt(rows[RELAY][0]["messages"])]
         cells += [fmt(median_of(rows[name], "achieved_per_s")) for name in SYSTEMS]
         for key, _ in HALF_METRICS:
-            cells += compared(raw, "half_load", key, size=size)
-        cells += [str(sum(r[key] for r in rows[name])) for key in ("errors", "late")
-                  for name in SYSTEMS]  # fmt: skip
+            cells += compared(raw, "half_load", key, median_cell, size=size)
+        cells += [fmt(sum(r[key] for r in rows[name]) if rows[name] else None)
+                  for key in ("errors", "late") for name in SYSTEMS]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines if len(lines) > 4 else [*lines[:2], "Not measured."]
 
@@ -489,19 +447,22 @@ SCALE_TARGETS = (  # key in scale.json, label, limit, unit
 
 
 def render_targets(raw: list[dict[str, Any]], scale: Any) -> list[str]:
-    lines = ["## Targets", "", "| target | relay | Postfix | ratio | goal | status |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["## Targets", "",
+             "| target | relay | Postfix | ratio | old Postfix | ratio to old | goal | status |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for size, goal in SIZE_TARGETS:
-        cells = compared(raw, "max_rate", "end_to_end_per_s", size=size, sessions=HALF_BASIS)
+        match = {"size": size, "sessions": HALF_BASIS}
+        cells = compared(raw, "max_rate", "end_to_end_per_s", median_cell, **match)
         label = f"{size // 1024} KiB, {HALF_BASIS} sessions: end to end/s"
-        value = ratio(raw, "max_rate", "end_to_end_per_s", size=size, sessions=HALF_BASIS)
+        value = ratio(raw, "max_rate", "end_to_end_per_s", POSTFIX, **match)
         lines.append(row([label, *cells, f"≥ {goal:.1f}x Postfix"], value, goal, True))
     rates = {size: f" ({rate:g}/s)" for size, rate, _ in half_cases(raw)}
     for size in dict.fromkeys([*(r["size"] for r in raw), *rates]):
-        cells = compared(raw, "half_load", "accept_p99_ms", size=size)
-        rate = rates.get(size, "")
-        label = f"{size // 1024} KiB: accept p99 ms at 50% of the relay's max rate{rate}"
-        value = ratio(raw, "half_load", "accept_p99_ms", size=size)
+        cells = compared(raw, "half_load", "accept_p99_ms", median_cell, size=size)
+        label = (
+            f"{size // 1024} KiB: accept p99 ms at 50% of the relay's max rate{rates.get(size, '')}"
+        )
+        value = ratio(raw, "half_load", "accept_p99_ms", POSTFIX, size=size)
         lines.append(row([label, *cells, "≤ Postfix's"], value, 1.0, False))
     lines += render_scale(scale)
     return lines
@@ -512,7 +473,7 @@ def render_scale(scale: Any) -> list[str]:
     for key, label, limit, unit in SCALE_TARGETS:
         value = scale.get(key) if isinstance(scale, dict) else None
         if not isinstance(value, int | float):
-            lines.append(f"| {label} | not measured (run `make bench-scale`) | - | - | "
+            lines.append(f"| {label} | not measured (run `make bench-scale`) | - | - | - | - | "
                          f"≤ {limit:g} {unit} | not measured |")  # fmt: skip
             continue
         cell = f"{value:g} {unit}"
@@ -520,7 +481,8 @@ def render_scale(scale: Any) -> list[str]:
             cell += f" (offline {scale['summary_offline_s']:g} s)"
         if key == "scheduler_rss_mib" and scale.get("messages") is not None:
             label += f", {scale['messages']:,} messages queued"
-        lines.append(row([label, cell, "-", "-", f"≤ {limit:g} {unit}"], value, limit, False))
+        cells = [label, cell, "-", "-", "-", "-", f"≤ {limit:g} {unit}"]
+        lines.append(row(cells, value, limit, False))
     if isinstance(scale, dict) and scale.get("measured_at"):
         lines += ["", f"Scale rows: bench/scale.py, measured {scale['measured_at']}."]
     return lines
@@ -537,24 +499,70 @@ def row(cells: list[str], value: float | None, goal: float, at_least: bool) -> s
     return "| " + " | ".join([*cells, status]) + " |"
 
 
-def medians(
-    raw: list[dict[str, Any]], kind: str, key: str, **match: Any
-) -> tuple[float | None, float | None]:
-    """The relay's and Postfix's median of `key` over the matching runs."""
-    relay, postfix = (median_of(select(raw, kind, name, **match), key) for name in SYSTEMS)
-    return relay, postfix
+def round_ratios(
+    raw: list[dict[str, Any]],
+    key: str,
+    system: str,
+    reference: str,
+    kind: str = "max_rate",
+    **match: Any,
+) -> list[float]:
+    """system / reference of `key` in each round where both were measured: the two ran minutes
+    apart at most, so the machine's drift between rounds mostly cancels."""
+    mine, theirs = (
+        {r["run"]: float(r[key]) for r in select(raw, kind, name, **match) if r.get(key)}
+        for name in (system, reference)
+    )
+    return [mine[run] / theirs[run] for run in sorted(mine.keys() & theirs.keys())]
 
 
-def ratio(raw: list[dict[str, Any]], kind: str, key: str, **match: Any) -> float | None:
-    relay, postfix = medians(raw, kind, key, **match)
-    return relay / postfix if relay is not None and postfix else None
+def ratio(
+    raw: list[dict[str, Any]], kind: str, key: str, reference: str, **match: Any
+) -> float | None:
+    """The median of the per-round ratios relay / reference."""
+    ratios = round_ratios(raw, key, RELAY, reference, kind, **match)
+    return statistics.median(ratios) if ratios else None
 
 
-def compared(raw: list[dict[str, Any]], kind: str, key: str, **match: Any) -> list[str]:
-    """Relay median, Postfix median, relay / Postfix."""
-    relay, postfix = medians(raw, kind, key, **match)
-    share = ratio(raw, kind, key, **match)
-    return [fmt(relay), fmt(postfix), "-" if share is None else f"{share:.2f}x"]
+def ratio_cell(raw: list[dict[str, Any]], kind: str, key: str, reference: str, **match: Any) -> str:
+    """relay / reference: median and range of the per-round ratios."""
+    return ratios_text(round_ratios(raw, key, RELAY, reference, kind, **match))
+
+
+def ratios_text(ratios: list[float]) -> str:
+    """`1.05x (0.92-1.20)`: the median ratio and the range."""
+    if not ratios:
+        return "-"
+    median = f"{statistics.median(ratios):.2f}x"
+    return median if len(ratios) == 1 else f"{median} ({min(ratios):.2f}-{max(ratios):.2f})"
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median; 0 for fewer than two values."""
+    return (max(values) - min(values)) / statistics.median(values) if len(values) > 1 else 0.0
+
+
+Cell = Callable[[list[dict[str, Any]], str], str]
+
+
+def median_cell(rows: list[dict[str, Any]], key: str) -> str:
+    return fmt(median_of(rows, key))
+
+
+def spread_cell(rows: list[dict[str, Any]], key: str) -> str:
+    """`709.6 (650-720)`: the median of `key` over the rows and its range."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if len(values) < 2:
+        return fmt(values[0] if values else None)
+    return f"{statistics.median(values):g} ({min(values):g}-{max(values):g})"
+
+
+def compared(raw: list[dict[str, Any]], kind: str, key: str, cell: Cell, **match: Any) -> list[str]:
+    """Relay, Postfix, relay / Postfix, old Postfix, relay / old Postfix: each system's rows
+    rendered by `cell`, the ratios with their range over the rounds."""
+    relay, postfix, old = (cell(select(raw, kind, name, **match), key) for name in SYSTEMS)
+    tuned, previous = (ratio_cell(raw, kind, key, other, **match) for other in (POSTFIX, OLD))
+    return [relay, postfix, tuned, old, previous]
 
 
 def select(raw: list[dict[str, Any]], kind: str, system: str, **match: Any) -> list[dict[str, Any]]:

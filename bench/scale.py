@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare import RCPT, SENDER, SINK_IP, Sink, message  # noqa: E402
+from compare import RCPT, SENDER, message  # noqa: E402
+from systems import SINK_IP, Sink  # noqa: E402
 
 from relay.classify import Reply  # noqa: E402
 from relay.spool import Message, Recipient, Spool  # noqa: E402

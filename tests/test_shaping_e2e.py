@@ -108,7 +108,9 @@ def test_suspension_shows_in_the_listing_and_metrics(relay: RelayFactory, sink: 
 
 
 def test_listing_says_why_each_message_waits(relay: RelayFactory, sink: MxSink) -> None:
-    sink.script_data(SLOW.format(seconds=3) + "250 2.0.0 ok")
+    # Slow enough that the first stays in its attempt through the listing, however slowly the
+    # CLI starts on a busy machine (3 s was not always).
+    sink.script_data(SLOW.format(seconds=8) + "250 2.0.0 ok")
     daemon = relay(
         {
             "destinations": {"a.test": {"connections": 1}},
@@ -141,6 +143,6 @@ def test_listing_says_why_each_message_waits(relay: RelayFactory, sink: MxSink) 
     assert value(daemon, "relay_queue_messages", state="held") == 1
     assert value(daemon, "relay_queue_messages", state="quota") == 1
     assert value(daemon, "relay_queue_messages", state="scheduled") == 1
-    # One of the three is always in its 3 s attempt, but between two of them none is.
+    # One of the three is always in its 8 s attempt, but between two of them none is.
     eventually(lambda: value(daemon, "relay_queue_messages", state="active") == 1)
     daemon.cli("queue", "delete", "ALL")
