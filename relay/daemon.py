@@ -174,7 +174,8 @@ class Supervisor:
         delivery goes on (so the watchdog is still fed)."""
         out = self.problems()
         with contextlib.suppress(OSError):  # a spool that is gone: problems() says so
-            out += [s for s in [self.cfg.spool.shortage(self.spool.space())] if s]
+            if shortage := self.cfg.spool.shortage(self.spool.space()):
+                out.append(shortage)
         return out
 
     async def _feed_watchdog(self) -> None:

@@ -39,10 +39,7 @@ class Signer:
     """Signs with the key configured for the From: domain, relaxed/relaxed, rsa-sha256."""
 
     def __init__(self, cfg: DkimConfig) -> None:
-        self._keys = {
-            k.domain: (k.selector.encode(), dkim.crypto.parse_pem_private_key(_load(k.key_file)))
-            for k in cfg.keys
-        }
+        self._keys = {k.domain: (k.selector.encode(), _load(k.key_file)) for k in cfg.keys}
         # RFC 6376 §5.4.1 lists fields that SHOULD NOT be signed (Received, Bcc, …): relays
         # on the way add or drop them, so dkimpy refuses them and so do we, quietly.
         names = dict.fromkeys(n.encode() for n in ("from", *cfg.headers))
@@ -128,8 +125,9 @@ def keygen(domain: str, selector: str, bits: int = 2048) -> tuple[bytes, str]:
     return pem, f"{selector}._domainkey.{domain.rstrip('.')}. IN TXT {chunks}"
 
 
-def _load(path: Path) -> bytes:
-    """The PEM of a usable RSA private key, or DkimError naming path and the problem."""
+def _load(path: Path) -> Any:
+    """A usable RSA private key as dkimpy parsed it (what it signs with), or DkimError naming
+    path and the problem."""
     try:
         pem = path.read_bytes().replace(b"\r\n", b"\n")  # dkimpy's PEM pattern wants LF
     except OSError as e:
@@ -154,7 +152,7 @@ def _load(path: Path) -> bytes:
         sound = False
     if not sound:
         raise DkimError(f"DKIM key {path}: damaged RSA key (fails its own signature check)")
-    return pem
+    return key
 
 
 def _from_domain(values: list[bytes]) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -29,6 +30,8 @@ READ_SIZE = 64 * 1024  # bytes per read(2) of a state file (most fit in one)
 FAILED = frozenset({"failed", "expired"})
 Failure = BaseException | None  # a batch operation's result for one item
 COPY_SIZE = 256 * 1024  # bytes per read or copy of a spill file
+# copy_file_range(2) cannot serve these files (another file system, an old kernel, …).
+NO_COPY_RANGE = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -222,19 +225,25 @@ class Spill:
 
     def copy_into(self, target: int) -> None:
         """Append every byte written to the file open as target, inside the kernel where it
-        can (copy_file_range), else through a buffer."""
+        can (copy_file_range), else through a buffer; OSError if fewer bytes were there."""
         with self._using() as fd:
+            copied = 0
             try:
-                copied = 0
                 while copied < self.size:
                     step = os.copy_file_range(fd, target, self.size - copied, copied)
                     if step == 0:
-                        raise OSError(f"spill file ends at {copied} of {self.size} bytes")
+                        break
                     copied += step
-            except OSError:  # not across these file systems: rewind what was copied
-                os.lseek(target, -copied, os.SEEK_CUR)
-                for offset in range(0, self.size, COPY_SIZE):
-                    _write_all(target, os.pread(fd, COPY_SIZE, offset))
+            except OSError as exc:
+                if exc.errno not in NO_COPY_RANGE:
+                    raise
+                os.lseek(target, -copied, os.SEEK_CUR)  # start again through a buffer
+                copied = 0
+                for data in self.chunks():
+                    _write_all(target, data)
+                    copied += len(data)
+        if copied != self.size:
+            raise OSError(f"spill file ends at {copied} of {self.size} bytes")
 
     def close(self) -> None:
         with self._lock:
@@ -594,8 +603,8 @@ def _flush(root: Path, paths: Sequence[Path], directory: Path) -> None:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         try:
             if syncfs(fd) != 0:
-                errno = ctypes.get_errno()
-                raise OSError(errno, os.strerror(errno))
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
         finally:
             os.close(fd)
         return

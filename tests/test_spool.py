@@ -175,3 +175,18 @@ def test_remove_batch_removes_queue_entries_and_unneeded_content(spool: Spool) -
     assert spool.ids(QUEUE) == [kept.id]
     assert not any(spool.content_path(m.id).exists() for m in gone)
     assert spool.content_path(dead.id).exists()  # its dead-letter record still needs it
+
+
+def test_a_spilled_message_is_copied_whole_or_not_at_all(spool: Spool) -> None:
+    """Content from a spill file lands in msg/ byte for byte; a spill holding fewer bytes than
+    it should fails the write instead of leaving a short message (and leaves no file)."""
+    spill = spool.spill()
+    body = b"".join(b"line %06d\r\n" % i for i in range(100_000))
+    spill.write(body)
+    spool.write_content("a" * 20, [b"Received: x\r\n", spill, b"tail\r\n"])
+    assert spool.content_path("a" * 20).read_bytes() == b"Received: x\r\n" + body + b"tail\r\n"
+    spill.size += 10  # as if a write had been lost
+    with pytest.raises(OSError, match="spill file ends at"):
+        spool.write_content("b" * 20, [spill])
+    assert not spool.content_path("b" * 20).exists()
+    spill.close()
