@@ -1,5 +1,5 @@
 """Entry point for `python -m relay` (the supervisor starts its workers this way)."""
 
-from relay.cli import main
+from relay.cli.main import main
 
 raise SystemExit(main())

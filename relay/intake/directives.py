@@ -1,0 +1,97 @@
+"""Intake stage, directives: the X-Relay-* header fields an application may set to steer its
+message (X-Relay-Send-At, X-Relay-Priority), read and removed before the message is signed
+and spooled."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from relay.config.shaping import LANES
+
+SEND_AT = b"x-relay-send-at"
+PRIORITY = b"x-relay-priority"
+NAMES = {SEND_AT: "X-Relay-Send-At", PRIORITY: "X-Relay-Priority"}
+HEADER_END = re.compile(rb"\r\n\r\n")
+EPOCH_RE = re.compile(r"^\d{1,12}(\.\d+)?$")
+
+
+class DirectiveError(ValueError):
+    """A directive the relay cannot follow; str() is the whole SMTP reply."""
+
+
+@dataclass(frozen=True)
+class Directives:
+    send_at: float | None = None  # UTC epoch seconds; None = as soon as possible
+    priority: str | None = None  # high | normal | low; None = not asked (or not honoured)
+
+
+def extract(content: bytes, *, priority: bool = True) -> tuple[bytes, Directives]:
+    """The message without its X-Relay-* fields, and what they asked for.
+
+    With priority False (lanes.header off) X-Relay-Priority is still removed, since it is an
+    instruction to this relay and never meant for the recipient (and the message leaves the
+    same whichever way the operator sets it), but it is neither read nor validated: no client
+    is refused for a field the operator chose to ignore."""
+    end = HEADER_END.search(content)
+    head_len = end.start() + 2 if end else len(content)
+    fields = _fields(content[:head_len])
+    if not any(name in NAMES for name, _ in fields):
+        return content, Directives()
+    send_at = _single(fields, SEND_AT)
+    asked = _single(fields, PRIORITY) if priority else None
+    kept = b"".join(raw for name, raw in fields if name not in NAMES)
+    return kept + content[head_len:], Directives(
+        send_at=None if send_at is None else parse_time(send_at),
+        priority=None if asked is None else parse_priority(asked),
+    )
+
+
+def _single(fields: list[tuple[bytes, bytes]], wanted: bytes) -> str | None:
+    """The value of the one field named wanted, None without one; DirectiveError for two."""
+    values = [_value(raw) for name, raw in fields if name == wanted]
+    if len(values) > 1:
+        raise DirectiveError(f"550 5.6.0 More than one {NAMES[wanted]} header field")
+    return values[0] if values else None
+
+
+def _fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    """(lowercase name, raw bytes) of each header field; a line starting with white space
+    continues the field before it (RFC 5322 §2.2.3)."""
+    fields: list[list[bytes]] = []
+    for line in head.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    return [(lines[0].partition(b":")[0].strip().lower(), b"".join(lines)) for lines in fields]
+
+
+def _value(raw: bytes) -> str:
+    return " ".join(raw.partition(b":")[2].decode("utf-8", "replace").split())
+
+
+def parse_time(text: str) -> float:
+    """RFC 3339 with a zone (2026-11-22T09:00:00Z) or Unix epoch seconds."""
+    if EPOCH_RE.match(text):
+        return float(text)
+    try:
+        moment = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise DirectiveError(
+            f"550 5.6.0 X-Relay-Send-At: {text[:64]!r} is not an RFC 3339 time with a zone "
+            "(2026-11-22T09:00:00Z) or Unix epoch seconds"
+        )
+    return moment.timestamp()
+
+
+def parse_priority(text: str) -> str:
+    """high, normal or low, in any case."""
+    if text.lower() not in LANES:
+        raise DirectiveError(
+            f"550 5.6.0 X-Relay-Priority: {text[:64]!r} is not a priority (use {', '.join(LANES)})"
+        )
+    return text.lower()

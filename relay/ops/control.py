@@ -1,0 +1,200 @@
+"""Control stage: queue operations for the CLI, sent over the admin socket to a running
+scheduler, or applied to the spool directly when the daemon is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from relay.ops.queueops import OPS, apply, selects
+from relay.spool.store import DEAD, QUEUE, Spool, SpoolError
+
+if TYPE_CHECKING:
+    from relay.schedule.scheduler import Scheduler
+
+CONTROL_SOCKET = "control.sock"
+WAKE_SOCKET = "wake.sock"
+DAEMON_LOCK = "daemon.lock"
+SCHEDULER_LOCK = "scheduler.lock"
+Result = dict[str, list[str]]
+
+
+class ControlError(Exception):
+    """The daemon could not be reached or the request was refused; str() is one line."""
+
+
+# --- the daemon's side ------------------------------------------------------------------------
+
+
+async def serve(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
+    """Answer one JSON request line per connection: {"op": ..., "target": ID|"ALL"}."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await reader.readline())
+            reply: dict[str, Any] = await _execute(scheduler, spool, request)
+        except Exception as exc:  # a malformed request must not take the scheduler down
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    return await _listen(spool, CONTROL_SOCKET, handle)
+
+
+async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) -> Any:
+    op = request["op"]
+    if op == "reasons":
+        return scheduler.reasons()
+    if op == "destinations":
+        return {"destinations": scheduler.destination_report()}
+    if op == "summary":
+        return await scheduler.shape()
+    target, domain = str(request["target"]), request.get("domain")
+    if op in OPS:
+        return await scheduler.operate(op, target, domain)
+    if op == "requeue":
+        result: Result = {"done": [], "busy": [], "missing": []}
+        ids = spool.ids(DEAD) if target == "ALL" else [target]
+        for msg_id in ids:
+            result[await scheduler.requeue(msg_id)].append(msg_id)
+        return result
+    raise ValueError(f"unknown op {op!r}")
+
+
+async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
+    """Intake's wake-ups (one queue id per line) make new mail due within milliseconds."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                scheduler.notice(line.strip().decode("ascii", "replace"))
+        except (ConnectionError, asyncio.CancelledError):
+            # Cancelled at shutdown: ending quietly keeps Python 3.11's streams from logging
+            # the cancellation as an unhandled error.
+            pass
+        finally:
+            writer.close()
+
+    return await _listen(spool, WAKE_SOCKET, handle)
+
+
+async def _listen(
+    spool: Spool,
+    name: str,
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> asyncio.AbstractServer:
+    """A UNIX stream server on run/<name>, replacing a socket left by a previous run."""
+    address = spool.socket_address(name)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(address)
+    return await asyncio.start_unix_server(handle, address)
+
+
+@contextlib.contextmanager
+def spool_lock(spool: Spool, name: str, wait: float) -> Iterator[bool]:
+    """Hold run/<name>; yields False (holding nothing) if it stayed busy for `wait` seconds.
+
+    daemon.lock: the supervisor for its lifetime, or an offline CLI for one command.
+    scheduler.lock: the scheduler process, so that a scheduler orphaned by a killed supervisor
+    finishes before its successor starts delivering.
+    """
+    fd = os.open(spool.run_path(name), os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + wait
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        yield True
+    finally:
+        os.close(fd)
+
+
+# --- the CLI's side ---------------------------------------------------------------------------
+
+
+def request(spool: Spool, op: str, target: str, domain: str | None = None) -> Result:
+    """Run op on target ("ALL" or a queue id), optionally only for one recipient domain,
+    live if the daemon runs, else on the spool."""
+    if not spool.run_path("").exists():
+        raise ControlError(f"{spool.root} is not a relay spool (no run/ directory)")
+    with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
+        if offline:
+            return _offline(spool, op, target, domain)
+    result: Result = _live(spool, {"op": op, "target": target, "domain": domain})
+    return result
+
+
+def inspect(spool: Spool, op: str) -> Any:
+    """The running scheduler's view (op: reasons, destinations, summary), or None when it is
+    stopped."""
+    with spool_lock(spool, DAEMON_LOCK, wait=0) as offline:
+        if offline:
+            return None
+    return _live(spool, {"op": op})
+
+
+def _live(spool: Spool, message: dict[str, str | None], timeout: float = 30.0) -> Any:
+    """Ask the running scheduler; it may be restarting, so retry for a few seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _ask(spool.socket_address(CONTROL_SOCKET), message, timeout)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED) or time.monotonic() > deadline:
+                raise ControlError(f"the daemon is running but not answering: {exc}") from None
+            time.sleep(0.2)
+
+
+def _ask(address: str, message: dict[str, str | None], timeout: float) -> Any:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(address)
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        reply = json.loads(sock.makefile("rb").readline() or b"{}")
+    if "error" in reply:
+        raise ControlError(f"the daemon refused the request: {reply['error']}")
+    return reply
+
+
+def _offline(spool: Spool, op: str, target: str, domain: str | None) -> Result:
+    """The same operations on a stopped daemon's spool, under its lock."""
+    result: Result = {"done": [], "busy": [], "missing": []}
+    if op == "requeue":
+        for msg_id in spool.ids(DEAD) if target == "ALL" else [target]:
+            try:
+                spool.requeue(msg_id, time.time())
+            except SpoolError:
+                result["missing"].append(msg_id)
+                continue
+            result["done"].append(msg_id)
+        return result
+    for msg_id in spool.ids(QUEUE) if target == "ALL" else [target]:
+        try:
+            msg = spool.load(msg_id)
+        except SpoolError:
+            result["missing"].append(msg_id)
+            continue
+        if not selects(msg, domain):
+            continue
+        if apply(op, msg, domain, time.time()):
+            spool.remove(msg_id)
+        else:
+            spool.save(msg)
+        result["done"].append(msg_id)
+    return result

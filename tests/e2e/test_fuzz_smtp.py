@@ -1,0 +1,326 @@
+"""Property test of the intake's SMTP dialogue: random sessions against one real daemon.
+
+Each example opens a connection and writes 1-30 lines that mix real verbs (EHLO, HELO, MAIL,
+RCPT, DATA, RSET, NOOP, VRFY, QUIT, STARTTLS, AUTH PLAIN, BDAT) and garbage with random
+arguments (random bytes with NUL and non-ASCII, very long, empty, valid addresses with bytes
+slipped in), random line ends (CRLF, LF, CR, none) and random cuts between writes. Then it
+ends the session (the end of DATA if one is open, then QUIT) and reads to the end. Properties:
+
+- every byte the server sends is part of a well-formed reply line, `^\\d{3}[ -].*\\r\\n`
+  with no CR or LF inside (the greeting included), and the lines of a multi-line reply
+  share one code;
+- the connection stays usable until QUIT or is closed cleanly, after a 221, 421 or 502;
+- the daemon logs no `error` event and no traceback, and `/healthz` answers 200;
+- every `250 ... queued as <id>` is not lost: the message is in the spool or at the MX sink.
+
+One daemon serves the whole module. The number of examples is 300 by default (well under
+90 s on two cores); fuzz for minutes with, e.g.,
+
+    RELAY_FUZZ_EXAMPLES=20000 .venv/bin/pytest tests/e2e/test_fuzz_smtp.py
+
+(about 14 examples a second; the pytest timeout grows with the count).
+With CI set in the environment the examples are derandomized, so a CI run is reproducible;
+locally each run draws new ones. A failure prints the shrunk session and a
+`@reproduce_failure` blob. No example database is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.support.daemon import Relay
+from tests.support.dns import DnsServer
+from tests.support.mx import MxNet, MxSink
+
+EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "300"))
+REPLY_LINE = re.compile(rb"^(\d{3})([ -])[^\r\n]*\Z")
+QUEUED = re.compile(rb"^250 2\.0\.0 queued as ([0-9a-f]{20})$")
+CLOSING_CODES = {b"221", b"421", b"502"}  # QUIT, a limit or shutdown, too many bad commands
+QUIET = 0.05  # the server has said all it will about what we sent when it is silent this long
+READ_DEADLINE = 10.0
+OUTCOMES = {"delivered", "deferred", "failed", "error"}
+
+VERBS = [
+    b"EHLO", b"HELO", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"RSET", b"NOOP", b"VRFY", b"QUIT",
+    b"STARTTLS", b"AUTH PLAIN", b"BDAT", b"EXPN", b"HELP",
+]  # fmt: skip
+GOOD_ARGUMENTS = [
+    b"client.test", b"<app@sender.test>", b"<user@a.test>", b"<other@a.test>", b"<>",
+    b"<nobody@nx.test>", b"<app@sender.test> SIZE=100", b"<app@sender.test> SMTPUTF8",
+    "<jörg@sender.test> SMTPUTF8".encode(), "<usér@a.test>".encode(), b"<app@sender.test> BODY=8BITMIME",
+    b"AGFwcABzZWNyZXQ=", b"10 LAST", b"user",
+]  # fmt: skip
+DATA_LINES = [b"Subject: fuzz", b"", b".", b"..", b".x", b"hello", b"\n.", b"\r.", "é".encode()]
+EHLO, MAIL, RCPT, DATA = (
+    b"EHLO client.test\r\n", b"MAIL FROM:<app@sender.test>\r\n", b"RCPT TO:<user@a.test>\r\n",
+    b"DATA\r\n",
+)  # fmt: skip
+MAIL_UTF8 = b"MAIL FROM:<app@sender.test> SMTPUTF8\r\n"
+# Where the random lines start: before the greeting is answered, in a transaction, in DATA.
+PREFIXES = [
+    b"", EHLO, EHLO + MAIL, EHLO + MAIL_UTF8, EHLO + MAIL + RCPT, EHLO + MAIL_UTF8 + RCPT,
+    EHLO + MAIL + RCPT + DATA,
+]  # fmt: skip
+
+
+def slipped(good: bytes, extra: bytes, at: int) -> bytes:
+    """A good argument with a few bad bytes slipped in (an address that almost parses)."""
+    at %= len(good) + 1
+    return good[:at] + extra + good[at:]
+
+
+almost_good = st.builds(
+    slipped, st.sampled_from(GOOD_ARGUMENTS), st.binary(min_size=1, max_size=3), st.integers(0, 60)
+)
+very_long = st.builds(
+    bytes.__mul__, st.sampled_from([b"x", b"\0", b"\xff", b".", b"<"]), st.integers(300, 3000)
+)
+arguments = st.one_of(
+    st.sampled_from(GOOD_ARGUMENTS),
+    almost_good,
+    st.binary(max_size=40),
+    st.text(max_size=20).map(lambda text: text.encode("utf-8", "surrogatepass")),
+    very_long,
+    st.just(b""),
+)
+verbs = st.one_of(st.sampled_from(VERBS), st.binary(min_size=1, max_size=8))
+line_ends = st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b""])
+command_lines = st.builds(
+    lambda verb, space, argument, end: verb + space + argument + end,
+    verbs, st.sampled_from([b"", b" "]), arguments, line_ends,
+)  # fmt: skip
+data_lines = st.builds(bytes.__add__, st.sampled_from(DATA_LINES), line_ends)
+sessions = st.tuples(
+    st.sampled_from(PREFIXES),
+    st.lists(st.one_of(command_lines, data_lines), min_size=1, max_size=30),
+)
+
+
+@dataclass
+class Fuzzed:
+    """The module's one daemon, its MX sink, and what the examples got queued."""
+
+    daemon: Relay
+    sink: MxSink
+    queued: list[str]
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
+    dns, net = DnsServer(), MxNet()
+    dns.start()
+    daemon: Relay | None = None
+    try:
+        sink = net.sink("127.0.0.2", smtputf8=True)
+        dns.mx("a.test", (10, "mx.a.test"))
+        dns.a("mx.a.test", "127.0.0.2")
+        wiring = {"port": net.port, "dns": {"nameservers": [dns.address]}}
+        smtp = {"max_recipients": 5, "max_message_size": 65536}
+        daemon = Relay(tmp_path_factory.mktemp("fuzz"), {"delivery": wiring, "smtp": smtp})
+        daemon.start()
+        yield Fuzzed(daemon, sink, [])
+        assert daemon.stop() == 0, "relay serve did not exit 0 on SIGTERM"
+    finally:
+        if daemon is not None:
+            daemon.close()
+        net.close()
+        dns.close()
+    assert problems(daemon.lines) == []
+
+
+def problems(lines: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Log lines that mean something went wrong inside the daemon."""
+    return [
+        line
+        for line in lines
+        if line.get("event") == "error"
+        or line.get("level") in ("error", "critical")
+        or "Traceback" in str(line.get("text", ""))
+    ]
+
+
+def cut(payload: bytes, cuts: list[int]) -> list[bytes]:
+    """payload split at the given offsets (taken modulo its length)."""
+    points = sorted({c % (len(payload) + 1) for c in cuts} | {0, len(payload)})
+    return [payload[a:b] for a, b in itertools.pairwise(points) if b > a]
+
+
+class Conversation:
+    """One raw connection. A thread reads all the time, so that what the server said before it
+    closed is kept even when a later write of ours meets the closed socket (the peer's RST
+    would otherwise discard it); writes stop once the server has gone."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=READ_DEADLINE)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.received = b""
+        self.ended: str | None = None  # "eof" or "reset" once the server has gone
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except OSError:  # reset, or our own shutdown at close()
+                chunk, ended = b"", "reset"
+            else:
+                ended = "eof"
+            with self.changed:
+                self.received += chunk
+                if not chunk:
+                    self.ended = self.ended or ended
+                self.changed.notify_all()
+            if not chunk:
+                return
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.reader.join(READ_DEADLINE)
+        self.sock.close()
+
+    def write(self, chunk: bytes) -> None:
+        if self.ended is not None:
+            return
+        try:
+            self.sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            with self.changed:
+                self.changed.wait_for(lambda: self.ended is not None, READ_DEADLINE)
+
+    def read_until_quiet(self) -> None:
+        """Wait until the server is silent for QUIET, or has gone."""
+        deadline = time.monotonic() + READ_DEADLINE
+        with self.changed:
+            while self.ended is None:
+                size = len(self.received)
+                self.changed.wait(QUIET)
+                if len(self.received) == size and self.ended is None:
+                    return
+                assert time.monotonic() < deadline, f"never silent: {self.received[-300:]!r}"
+
+    def replies(self) -> list[bytes]:
+        """The final line of each reply read so far; every line must be well-formed."""
+        with self.changed:
+            received, ended = self.received, self.ended
+        lines = received.split(b"\r\n")
+        tail = lines.pop()
+        assert tail == b"" or ended == "reset", f"a reply without CRLF: {tail!r}"
+        finals, code = [], None
+        for line in lines:
+            match = REPLY_LINE.match(line)
+            assert match, f"not a well-formed reply line: {line!r}"
+            assert code in (None, match[1]), f"multi-line reply changed its code: {line!r}"
+            code = match[1]
+            if match[2] == b" ":
+                finals.append(line)
+                code = None
+        assert code is None or ended == "reset", "a multi-line reply was never finished"
+        return finals
+
+    def finish(self) -> None:
+        """End an open DATA, then QUIT; the server must close the connection."""
+        for _ in range(3):
+            self.read_until_quiet()
+            if self.ended is not None:
+                return
+            replies = self.replies()
+            in_data = bool(replies) and replies[-1].startswith(b"354 ")
+            self.write(b"\r\n.\r\nQUIT\r\n" if in_data else b"\r\nQUIT\r\n")
+        self.read_until_quiet()
+        assert self.ended is not None, f"QUIT did not end the session: {self.received[-300:]!r}"
+
+
+def healthz(daemon: Relay) -> int:
+    with urllib.request.urlopen(f"{daemon.metrics_url}/healthz", timeout=5) as response:
+        return int(response.status)
+
+
+def first_outcome(daemon: Relay, queue_id: str, since: int) -> None:
+    """Wait for the first delivery attempt of a queued message to end, one way or another."""
+    deadline = time.monotonic() + READ_DEADLINE
+    while time.monotonic() < deadline:
+        if any(
+            line.get("id") == queue_id and line.get("event") in OUTCOMES
+            for line in daemon.lines[since:]
+        ):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{queue_id}: no delivery outcome within {READ_DEADLINE}s")
+
+
+def assert_not_lost(fuzzed: Fuzzed, queue_id: str) -> None:
+    """A queued message is in the spool (queued or dead-lettered) or was delivered. The spool
+    is looked at first: a message leaves it only after the sink has it."""
+    spool = fuzzed.daemon.spool
+    states = [spool / "queue" / f"{queue_id}.json", spool / "dead" / f"{queue_id}.json"]
+    if (spool / "msg" / queue_id).exists() and any(path.exists() for path in states):
+        return
+    marker = f" id {queue_id}".encode()
+    assert any(marker in message.data for message in fuzzed.sink.wait_for(0)), queue_id
+
+
+@pytest.mark.timeout(max(120, EXAMPLES))  # pytest-timeout counts the whole run as one test
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    session=sessions,
+    cuts=st.lists(st.integers(0, 100_000), max_size=8),
+    pause=st.booleans(),
+)
+def test_any_session_gets_well_formed_replies(
+    fuzzed: Fuzzed, session: tuple[bytes, list[bytes]], cuts: list[int], pause: bool
+) -> None:
+    prefix, lines = session
+    payload = prefix + b"".join(lines)
+    mark = len(fuzzed.daemon.lines)
+    conversation = Conversation(fuzzed.daemon.port)
+    try:
+        for chunk in cut(payload, cuts):
+            conversation.write(chunk)
+            if pause:
+                time.sleep(0.002)
+        conversation.finish()
+    finally:
+        conversation.close()
+    replies = conversation.replies()
+    if conversation.ended == "eof":  # after a reset, what was in flight may be lost
+        assert replies and replies[0][:4] in (b"220 ", b"421 "), "no greeting"
+        assert replies[-1][:3] in CLOSING_CODES, f"closed after {replies[-1]!r}"
+    for reply in replies:
+        if match := QUEUED.match(reply):
+            queue_id = match[1].decode()
+            fuzzed.queued.append(queue_id)
+            first_outcome(fuzzed.daemon, queue_id, since=mark)  # its errors are this example's
+            assert_not_lost(fuzzed, queue_id)
+    assert healthz(fuzzed.daemon) == 200
+    time.sleep(0.01)  # the log reader thread catches up with the last lines
+    assert problems(fuzzed.daemon.lines[mark:]) == []
+
+
+def test_nothing_queued_by_the_fuzzer_was_lost(fuzzed: Fuzzed) -> None:
+    """After all examples: each queued message is delivered or still in the spool."""
+    for queue_id in fuzzed.queued:
+        assert_not_lost(fuzzed, queue_id)
+    print(f"\n{len(fuzzed.queued)} message(s) queued by the fuzzer, none lost")
