@@ -18,6 +18,8 @@ from relay import config
 from relay.config import values
 from relay.daemon import supervisor as daemon
 from relay.intake import dkim, users
+from relay.mail.target import ALL, expand
+from relay.mail.waiting import waiting_state
 from relay.ops import control, summary
 from relay.ops.queueops import PAST
 from relay.spool.store import DEAD, QUEUE, Message, Spool, SpoolError, is_id, iter_messages
@@ -291,13 +293,14 @@ DETAILS = {
 def waiting(msg: Message, now: float) -> list[Any]:
     """Why a queued message waits, read from the spool alone (the daemon is stopped):
     [held | scheduled | quota | deferred | queued, expected attempt, detail]."""
-    if msg.held:
-        return ["held", None, None]
-    if msg.scheduled(now):
-        return ["scheduled", msg.send_at, None]
-    if msg.over_quota(now):
-        return ["quota", msg.quota_until, None]
-    return ["deferred" if msg.attempts else "queued", max(now, msg.next_attempt), None]
+    state = waiting_state(
+        held=msg.held,
+        scheduled=msg.scheduled(now),
+        quota=msg.over_quota(now),
+        attempted=bool(msg.attempts),
+    )
+    at = {"held": None, "scheduled": msg.send_at, "quota": msg.quota_until}
+    return [state, at.get(state, max(now, msg.next_attempt)), None]
 
 
 def last_reply(msg: Message) -> str | None:
@@ -386,8 +389,8 @@ def headers(path: Path, limit: int = 200) -> list[str]:
 
 
 def checked_id(text: str | None, *, allow_all: bool) -> str:
-    if text is None or (allow_all and text == "ALL"):
-        return "ALL"
+    if text is None or (allow_all and text == ALL):
+        return ALL
     if not is_id(text):
         hint = " or ALL" if allow_all else ""
         raise Fail(f"{text!r} is not a queue id (20 hex digits{hint})", EX_USAGE)
@@ -414,7 +417,7 @@ def act(spool: Spool, args: argparse.Namespace) -> int:
 def delete_dead(spool: Spool, target: str) -> dict[str, list[str]]:
     """Dead-letter records are not the scheduler's: deleting one is a spool operation."""
     result: dict[str, list[str]] = {"done": [], "missing": []}
-    for msg_id in spool.ids(DEAD) if target == "ALL" else [target]:
+    for msg_id in expand(target, lambda: spool.ids(DEAD)):
         if not spool.state_path(msg_id, DEAD).exists():
             result["missing"].append(msg_id)
             continue
@@ -432,7 +435,7 @@ def report(action: str, target: str, result: dict[str, list[str]]) -> int:
         print(f"relay: finished during its delivery attempt, nothing to do: {' '.join(gone)}")
     if busy:
         print(f"relay: still in a delivery attempt, try again shortly: {' '.join(busy)}")
-    if missing and target != "ALL":
+    if missing and target != ALL:
         raise Fail(f"no such message: {' '.join(missing)}")
     return 1 if busy else 0
 

@@ -22,6 +22,7 @@ import dns.resolver
 
 from relay.config.model import Config, DnsConfig
 from relay.config.shaping import Smarthost
+from relay.mail.address import address_literal
 from relay.mail.reply import Reply, Verdict, classify
 from relay.observe import logs
 
@@ -280,17 +281,6 @@ def _name(domain: str) -> dns.name.Name:
     if name == dns.name.root:
         raise ResolveError(Reply(550, "5.1.2", f"{domain!r} is not a valid domain name"))
     return name
-
-
-def address_literal(literal: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """RFC 5321 §4.1.3: the address in `[192.0.2.1]` or `[IPv6:2001:db8::1]`, else None."""
-    inner = literal[1:-1] if literal.startswith("[") and literal.endswith("]") else ""
-    version, text = (6, inner[5:]) if inner.lower().startswith("ipv6:") else (4, inner)
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    return address if address.version == version else None
 
 
 def _literal(literal: str) -> Route:

@@ -20,6 +20,7 @@ import dns.resolver
 
 from relay.config.model import TLS_MODES, DeliveryConfig
 from relay.delivery.resolver import answer_ttl, dns_resolver
+from relay.mail.address import DOMAIN
 
 OPPORTUNISTIC, REQUIRED, VERIFY = TLS_MODES
 STS_MODES = ("enforce", "testing", "none")
@@ -38,8 +39,7 @@ TXT_FIELD = re.compile(rf"({FIELD_NAME})[ \t]*=[ \t]*([\x21-\x3a\x3c\x3e-\x7e]+)
 TXT_ID = re.compile(r"[A-Za-z0-9]{1,32}")
 POLICY_FIELD = re.compile(rf"({FIELD_NAME}):[ \t]*(.*?)[ \t]*")
 MAX_AGE = re.compile(r"[0-9]{1,10}")
-LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-MX_PATTERN = re.compile(rf"(?:\*\.)?{LABEL}(?:\.{LABEL})*")  # ["*."] Domain (RFC 5321 §4.1.2)
+MX_PATTERN = re.compile(rf"(?:\*\.)?{DOMAIN}")  # ["*."] Domain (RFC 5321 §4.1.2)
 
 
 @dataclass(frozen=True)

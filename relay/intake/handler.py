@@ -16,7 +16,6 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from relay.config.model import Config, ConfigError, why
-from relay.delivery.resolver import address_literal
 from relay.intake import directives, dkim, quota, users
 from relay.intake.data import Draft, pieces
 from relay.intake.guard import REPLY_BANNED, Guard, client_address
@@ -28,6 +27,7 @@ from relay.intake.session import (
     RelaySMTP,
     hook_names,
 )
+from relay.mail.address import address_literal
 from relay.observe import logs, metrics
 from relay.spool.groupcommit import GroupCommit
 from relay.spool.store import Content, Message, Recipient, Spool, new_id

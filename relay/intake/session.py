@@ -16,13 +16,15 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, TLSSetupException, syntax
 
 from relay.intake.data import Draft, read_data
 from relay.intake.guard import REPLY_TOO_FAST
+from relay.mail.address import DOMAIN
+from relay.mail.reply import ENHANCED
 from relay.observe import logs, metrics
 
 if TYPE_CHECKING:
     from relay.intake.handler import IntakeHandler
 
 # RFC 2034 §3: every reply but the greeting, EHLO/HELO, 354 and 334 carries an enhanced code.
-ENHANCED_RE = re.compile(rb"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}( |$)")
+ENHANCED_RE = re.compile(rb"^\d{3}[ -]" + ENHANCED.encode() + rb"( |$)")
 DEFAULT_ENHANCED = {
     221: "2.0.0", 250: "2.0.0", 421: "4.3.2", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1",
     454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
@@ -52,12 +54,11 @@ CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all C0 controls but TAB, an
 UNSAFE_IN_REPLY = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 KINDS = metrics.LISTENERS
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 # The path nearly every client sends: <dot-atom@host name>, then nothing or a space and the
 # parameters. Anything else (quoted or UTF-8 local parts, address literals, comments, <>)
 # goes to aiosmtpd's RFC 5322 parser.
 PLAIN_PATH = re.compile(
-    rf"<(?P<addr>{_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>(?: +(?P<rest>[^ \t(].*))?\Z",
+    rf"<(?P<addr>{_ATOM}(?:\.{_ATOM})*@{DOMAIN})>(?: +(?P<rest>[^ \t(].*))?\Z",
     re.S,
 )
 

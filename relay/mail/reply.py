@@ -1,4 +1,4 @@
-"""Classification stage: turns one SMTP reply or transport error into delivered, temporary or
+"""Mail, replies: one SMTP reply or transport error turned into delivered, temporary or
 permanent (plus a throttle hint), as a pure function."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-ENHANCED_RE = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+ENHANCED = r"[245]\.\d{1,3}\.\d{1,3}"  # RFC 3463 class.subject.detail
+ENHANCED_RE = re.compile(rf"^({ENHANCED})\b")
 # RFC 6647 / provider practice: rate-limit wording in a 4.7.0 (or any 4xx) reply.
 THROTTLE_WORDS = re.compile(r"rate|too many|throttl|try again later|slow down", re.IGNORECASE)
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from relay.mail.target import expand
 from relay.ops.queueops import OPS, apply, selects
 from relay.spool.store import DEAD, QUEUE, Spool, SpoolError
 
@@ -64,7 +65,7 @@ async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) 
         return await scheduler.operate(op, target, domain)
     if op == "requeue":
         result: Result = {"done": [], "busy": [], "missing": []}
-        ids = spool.ids(DEAD) if target == "ALL" else [target]
+        ids = expand(target, lambda: spool.ids(DEAD))
         for msg_id in ids:
             result[await scheduler.requeue(msg_id)].append(msg_id)
         return result
@@ -176,7 +177,7 @@ def _offline(spool: Spool, op: str, target: str, domain: str | None) -> Result:
     """The same operations on a stopped daemon's spool, under its lock."""
     result: Result = {"done": [], "busy": [], "missing": []}
     if op == "requeue":
-        for msg_id in spool.ids(DEAD) if target == "ALL" else [target]:
+        for msg_id in expand(target, lambda: spool.ids(DEAD)):
             try:
                 spool.requeue(msg_id, time.time())
             except SpoolError:
@@ -184,7 +185,7 @@ def _offline(spool: Spool, op: str, target: str, domain: str | None) -> Result:
                 continue
             result["done"].append(msg_id)
         return result
-    for msg_id in spool.ids(QUEUE) if target == "ALL" else [target]:
+    for msg_id in expand(target, lambda: spool.ids(QUEUE)):
         try:
             msg = spool.load(msg_id)
         except SpoolError:

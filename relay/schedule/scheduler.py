@@ -19,6 +19,8 @@ from relay.config.shaping import LANES
 from relay.delivery.courier import Courier, RecipientResult
 from relay.delivery.resolver import ResolveError, Resolver, Router
 from relay.mail.reply import Verdict, classify
+from relay.mail.target import expand
+from relay.mail.waiting import waiting_state
 from relay.observe import logs, metrics
 from relay.ops import summary
 from relay.ops.queueops import PAST, apply, selects
@@ -78,17 +80,14 @@ class Entry:
     @property
     def state(self) -> str:
         """The state counted in the queue gauge; "ready" is split by destination at each tick."""
-        if self.running:
-            return "active"
-        if self.held:
-            return "held"
-        if self.ready:
-            return "ready"
-        if self.scheduled:
-            return "scheduled"
-        if self.quota:
-            return "quota"
-        return "deferred" if self.attempts else "queued"
+        return waiting_state(
+            running=self.running,
+            held=self.held,
+            ready=self.ready,
+            scheduled=self.scheduled,
+            quota=self.quota,
+            attempted=bool(self.attempts),
+        )
 
     @property
     def dests(self) -> tuple[str, ...]:
@@ -750,7 +749,7 @@ class Scheduler:
         recipient domain still has pending recipients. A message in flight is acted on when
         its attempt ends, so it is delivered or deleted, never both."""
         result: Result = {"done": [], "busy": [], "missing": [], "gone": []}
-        for msg_id in sorted(self.index) if target == "ALL" else [target]:
+        for msg_id in expand(target, lambda: sorted(self.index)):
             outcome = await self._operate_one(op, msg_id, domain)
             if outcome in result:
                 result[outcome].append(msg_id)

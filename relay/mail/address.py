@@ -1,0 +1,22 @@
+"""Mail, addresses: the RFC 5321 grammar of domains and address literals, written once."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+# A DNS label: letters, digits and inner hyphens, at most 63 (RFC 1035 §2.3.1, RFC 5321 §4.1.2).
+LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DOMAIN = rf"{LABEL}(?:\.{LABEL})*"
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){DOMAIN}\.?$")
+
+
+def address_literal(literal: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """RFC 5321 §4.1.3: the address in `[192.0.2.1]` or `[IPv6:2001:db8::1]`, else None."""
+    inner = literal[1:-1] if literal.startswith("[") and literal.endswith("]") else ""
+    version, text = (6, inner[5:]) if inner.lower().startswith("ipv6:") else (4, inner)
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    return address if address.version == version else None
