@@ -132,14 +132,15 @@ CANDIDATES: dict[str, Setting] = {
 
 def postfix_settings(name: str) -> tuple[Setting, ...]:
     """The settings of a Postfix system name: `postfix-old` none, `postfix` all of TUNING,
-    `postfix-without-<n>` all but one, `postfix-with-<n>` all plus one of CANDIDATES."""
+    `postfix-without-<n>[+<m>…]` all but those, `postfix-with-<n>` all plus one of CANDIDATES."""
     if name == "postfix-old":
         return ()
     if name == "postfix":
         return tuple(TUNING.values())
     kind, _, setting = name.removeprefix("postfix-").partition("-")
-    if kind == "without" and setting in TUNING:
-        return tuple(value for key, value in TUNING.items() if key != setting)
+    left_out = set(setting.split("+"))
+    if kind == "without" and left_out <= TUNING.keys():
+        return tuple(value for key, value in TUNING.items() if key not in left_out)
     if kind == "with" and setting in CANDIDATES:
         return (*TUNING.values(), CANDIDATES[setting])
     raise ValueError(f"unknown system {name!r}")

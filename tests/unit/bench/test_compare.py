@@ -47,6 +47,10 @@ ALL = tuple(systems.TUNING.values())
         ("postfix", ALL),
         ("postfix-without-no_chroot", tuple(s for s in ALL if not s.chroot_off)),
         ("postfix-with-dns_disabled", (*ALL, systems.CANDIDATES["dns_disabled"])),
+        (
+            "postfix-without-no_chroot+no_peername_lookup",
+            tuple(s for s in ALL if not s.chroot_off and s != systems.TUNING["no_peername_lookup"]),
+        ),
     ],
 )
 def test_postfix_settings_by_system_name(name: str, expected: tuple[systems.Setting, ...]) -> None:
@@ -54,7 +58,14 @@ def test_postfix_settings_by_system_name(name: str, expected: tuple[systems.Sett
 
 
 @pytest.mark.parametrize(
-    "name", ["postfix-without-nothing", "postfix-with-no_chroot", "postfix-tuned", "exim"]
+    "name",
+    [
+        "postfix-without-nothing",
+        "postfix-without-no_chroot+nothing",
+        "postfix-with-no_chroot",
+        "postfix-tuned",
+        "exim",
+    ],
 )
 def test_unknown_system_names_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match="unknown system"):
