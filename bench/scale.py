@@ -28,7 +28,8 @@ from compare import RCPT, SENDER, message  # noqa: E402
 from systems import SINK_IP, Sink  # noqa: E402
 
 from relay.mail.reply import Reply  # noqa: E402
-from relay.spool.store import Message, Recipient, Spool  # noqa: E402
+from relay.spool.message import Message, Recipient  # noqa: E402
+from relay.spool.store import Spool  # noqa: E402
 from tests.support.daemon import Relay  # noqa: E402
 
 DOMAINS = 1000  # the deferred mail is spread over this many recipient domains

@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.support.mx",
     "tests.support.daemon",
     "tests.support.prometheus",
+    "tests.support.tls",
 ]
 
 

@@ -21,8 +21,10 @@ from relay.intake import dkim, users
 from relay.mail.target import ALL, expand
 from relay.mail.waiting import waiting_state
 from relay.ops import control, summary
-from relay.ops.queueops import PAST
-from relay.spool.store import DEAD, QUEUE, Message, Spool, SpoolError, is_id, iter_messages
+from relay.schedule.actions import PAST
+from relay.spool.layout import DEAD, QUEUE
+from relay.spool.message import Message, is_id
+from relay.spool.store import Spool, SpoolError, iter_messages
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
 ACTIONS = {"queue": ("flush", "delete", "hold", "release"), "dlq": ("requeue", "delete")}

@@ -1,265 +1,31 @@
-"""Configuration stage: YAML loaded and validated once into typed, frozen objects, with one-line
-errors that name the key and the problem."""
+"""Configuration stage: the whole configuration, one section per top-level YAML key, loaded and
+validated once into typed, frozen objects, with one-line errors that name the key and the
+problem."""
 
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import os
-import socket
 import ssl
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
+from typing import Any
 
 import yaml
 
-from relay.config.shaping import (
-    DEFAULT_LIMITS,
-    LanesConfig,
-    Limits,
-    QuotasConfig,
-    ReuseConfig,
-    RouteRule,
-    ThrottleConfig,
-    destinations,
-    domain_matches,
-    routes,
-)
-from relay.config.values import (
-    TLS_MODES,
-    DkimKey,
-    HostPort,
-    Network,
-    boolean,
-    choice,
-    count,
-    dkim_keys,
-    duration,
-    durations,
-    fraction,
-    header_names,
-    host_port,
-    host_ports,
-    hostname,
-    ip_ports,
-    networks,
-    option,
-    optional_path,
-    path,
-    port,
-    positive_int,
-    providers,
-    tls_policies,
-)
-
-if TYPE_CHECKING:
-    from relay.spool.store import Space
-
-T = TypeVar("T")
-__all__ = [
-    "TLS_MODES",
-    "Config",
-    "ConfigError",
-    "DkimKey",
-    "HostPort",
-    "Network",
-    "hostname",
-    "load",
-    "parse",
-]
-
-
-class ConfigError(ValueError):
-    """A configuration problem; str() is the one line shown to the operator."""
-
-
-# --- the typed configuration --------------------------------------------------------------------
-
-FQDN = socket.getfqdn()
-
-
-@dataclass(frozen=True)
-class SmtpConfig:
-    listen: tuple[HostPort, ...] = option(host_ports, (("127.0.0.1", 2525),))
-    hostname: str = option(hostname, FQDN)
-    max_message_size: int = option(positive_int, 26_214_400)
-    max_recipients: int = option(positive_int, 100)
-    relay_networks: tuple[Network, ...] = option(
-        networks, (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-    )
-    # RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
-    idle_timeout: float = option(duration, 300.0)
-    # Listeners that require AUTH (port 587 style; STARTTLS) and implicit TLS ones (port 465).
-    submission: tuple[HostPort, ...] = option(host_ports, ())
-    smtps: tuple[HostPort, ...] = option(host_ports, ())
-    tls: InboundTlsConfig = field(default_factory=lambda: InboundTlsConfig())
-    auth: AuthConfig = field(default_factory=lambda: AuthConfig())
-    limits: LimitsConfig = field(default_factory=lambda: LimitsConfig())
-
-
-@dataclass(frozen=True)
-class InboundTlsConfig:
-    # PEM certificate chain and key; both empty = no inbound TLS (no STARTTLS, no smtps).
-    cert: Path | None = option(optional_path, None)
-    key: Path | None = option(optional_path, None)
-
-
-@dataclass(frozen=True)
-class AuthConfig:
-    # The users file (`relay user add`); empty = no SMTP AUTH.
-    users_file: Path | None = option(optional_path, None)
-    # RFC 4954 §4: AUTH PLAIN/LOGIN only over TLS; true also allows it in clear from loopback.
-    plaintext_on_loopback: bool = option(boolean, False)
-    # Failed AUTH: each failure is answered after a growing delay; this many within ban_time
-    # and the client IP is refused for ban_time.
-    max_failures: int = option(positive_int, 5)
-    ban_time: float = option(duration, 900.0)
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    max_connections: int = option(count, 1000)
-    # Per client IP, like Postfix's anvil; clients in relay_networks are exempt (Postfix's
-    # smtpd_client_event_limit_exceptions). 0 = no limit.
-    max_connections_per_ip: int = option(count, 50)
-    commands_per_minute_per_ip: int = option(count, 600)
-    # A session is closed this long after it started, however busy.
-    session_timeout: float = option(duration, 1800.0)
-
-
-# The disk reserve (Postfix's queue_minfree): by default the smaller of 512 MiB and 5% of the
-# spool's file system, so that a small disk is not refused from the start; and, with any
-# reserve on, the smaller of 1000 inodes and 1% of the file system's inodes (a message takes
-# two; what is kept lets deliveries rewrite their state files and write bounces).
-RESERVE_BYTES, RESERVE_SHARE = 512 * 1024 * 1024, 0.05
-RESERVE_INODES, RESERVE_INODE_SHARE = 1000, 0.01
-
-
-def min_free_bytes(value: Any) -> int | None:
-    """Bytes (0 = no reserve), or "auto" (None: computed from the file system's size)."""
-    if value == "auto":
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{value!r} is not a number of bytes (0 or more) nor auto")
-    return value
-
-
-@dataclass(frozen=True)
-class SpoolConfig:
-    path: Path = option(path, Path("/var/spool/relay"))
-    # Below this many free bytes on the spool's file system, MAIL FROM gets 452 4.3.1.
-    min_free: int | None = option(min_free_bytes, None)
-
-    def reserve(self, space: Space) -> tuple[int, int]:
-        """The bytes and inodes kept free on the spool's file system (0 = none)."""
-        if self.min_free == 0:
-            return 0, 0
-        share = int(space.total_bytes * RESERVE_SHARE)
-        reserve = min(RESERVE_BYTES, share) if self.min_free is None else self.min_free
-        return reserve, min(RESERVE_INODES, int(space.total_inodes * RESERVE_INODE_SHARE))
-
-    def shortage(self, space: Space, size: int = 0) -> str | None:
-        """Why a new message cannot be taken: free bytes or inodes below the reserve, or a
-        declared SIZE (RFC 1870) that does not fit above it; None when it can."""
-        min_bytes, min_inodes = self.reserve(space)
-        if space.free_bytes < min_bytes:
-            return f"spool: below min_free: {space.free_bytes} bytes free, reserve {min_bytes}"
-        if space.free_inodes < min_inodes:
-            return (
-                f"spool: below the inode reserve: {space.free_inodes} inodes free, "
-                f"reserve {min_inodes}"
-            )
-        room = space.free_bytes - min_bytes
-        if min_bytes and size > room:
-            return f"spool: SIZE={size} is more than the {room} bytes free above min_free"
-        return None
-
-
-@dataclass(frozen=True)
-class DnsConfig:
-    nameservers: tuple[HostPort, ...] = option(ip_ports, ())
-    timeout: float = option(duration, 5.0)
-    max_queries: int = option(positive_int, 50)
-    max_cache_ttl: float = option(duration, 3600.0)
-
-
-@dataclass(frozen=True)
-class RetryConfig:
-    schedule: tuple[float, ...] = option(durations, (300.0, 1800.0, 7200.0, 21600.0, 43200.0))
-    max_age: float = option(duration, 259_200.0)
-    jitter: float = option(fraction, 0.1)
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    port: int = option(port, 25)
-    helo_name: str = option(hostname, FQDN)
-    concurrency: int = option(positive_int, 100)
-    connect_timeout: float = option(duration, 30.0)
-    # RFC 5321 §4.5.3.2: 5 minutes per command; §4.5.3.2.6: 10 minutes after the final dot.
-    command_timeout: float = option(duration, 300.0)
-    data_timeout: float = option(duration, 600.0)
-    # Backstop for lost wake-ups: how often the scheduler rescans the queue directory.
-    scan_interval: float = option(duration, 30.0)
-    dns: DnsConfig = field(default_factory=DnsConfig)
-    retry: RetryConfig = field(default_factory=RetryConfig)
-    tls: OutboundTlsConfig = field(default_factory=lambda: OutboundTlsConfig())
-    mta_sts: MtaStsConfig = field(default_factory=lambda: MtaStsConfig())
-    reuse: ReuseConfig = field(default_factory=ReuseConfig)
-
-
-@dataclass(frozen=True)
-class OutboundTlsConfig:
-    # opportunistic: STARTTLS when offered, unverified, plain text if it fails (RFC 7435);
-    # required: TLS or a temporary failure, never plain text; verify: required plus a valid
-    # certificate for the MX host name.
-    default: str = option(choice(*TLS_MODES), "opportunistic")
-    policies: tuple[tuple[str, str], ...] = option(tls_policies, ())
-    # Extra CA certificates (PEM) trusted for verify and MTA-STS; empty = the system's.
-    ca_file: Path | None = option(optional_path, None)
-
-
-@dataclass(frozen=True)
-class MtaStsConfig:
-    # RFC 8461: fetch and honour the recipient domain's MTA-STS policy.
-    enabled: bool = option(boolean, False)
-    # HTTPS port of https://mta-sts.<domain>/.well-known/mta-sts.txt (443; tests change it).
-    port: int = option(port, 443)
-    fetch_timeout: float = option(duration, 10.0)
-
-
-@dataclass(frozen=True)
-class MetricsConfig:
-    listen: HostPort = option(host_port, ("127.0.0.1", 9025))
-
-
-DEFAULT_DKIM_HEADERS = (
-    "from", "reply-to", "subject", "date", "to", "cc", "message-id", "in-reply-to",
-    "references", "mime-version", "content-type", "content-transfer-encoding",
-)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class DkimConfig:
-    # Signing keys per sender domain (From: header domain); no key = not signed.
-    keys: tuple[DkimKey, ...] = option(dkim_keys, ())
-    headers: tuple[str, ...] = option(header_names, DEFAULT_DKIM_HEADERS)
-
-
-@dataclass(frozen=True)
-class LifecycleConfig:
-    # SIGTERM: how long SMTP sessions and deliveries in flight may take to finish.
-    grace: float = option(duration, 30.0)
-
-
-DEFAULT_PROVIDERS = (
-    ("gmail", ("*.google.com", "*.googlemail.com")),
-    ("outlook", ("*.outlook.com", "*.hotmail.com")),
-    ("yahoo", ("*.yahoodns.net", "*.yahoo.com")),
-    ("icloud", ("*.icloud.com", "*.me.com")),
-)
+from relay.config.delivery import DeliveryConfig
+from relay.config.destinations import DEFAULT_LIMITS, Limits, destinations
+from relay.config.dkim import DkimConfig
+from relay.config.lanes import LanesConfig
+from relay.config.lifecycle import LifecycleConfig
+from relay.config.metrics import MetricsConfig
+from relay.config.providers import DEFAULT_PROVIDERS, providers
+from relay.config.quotas import QuotasConfig
+from relay.config.routes import RouteRule, domain_matches, routes
+from relay.config.schema import ConfigError, build, option
+from relay.config.smtp import SmtpConfig
+from relay.config.spool import SpoolConfig
+from relay.config.throttle import ThrottleConfig
 
 
 @dataclass(frozen=True)
@@ -351,7 +117,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         raise ConfigError(f"{source}:{where} {problem}") from None
     if data is None:
         data = {}
-    cfg = _build(Config, data, "")
+    cfg = build(Config, data, "")
     problem = _inconsistency(cfg)
     if problem:
         raise ConfigError(problem)
@@ -384,28 +150,3 @@ def _inconsistency(cfg: Config) -> str | None:
         except (OSError, ssl.SSLError) as exc:
             return f"delivery.tls.ca_file: cannot load {ca_file}: {why(exc)}"
     return None
-
-
-def _build(cls: type[T], data: Any, prefix: str) -> T:
-    """Build dataclass cls from a mapping, parsing each known key and rejecting unknown ones."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
-    assert is_dataclass(cls)
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(map(str, data)) - set(known))
-    if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(known)})")
-    hints = get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for name, value in data.items():
-        spec = known[str(name)]
-        key = f"{prefix}{name}"
-        if is_dataclass(hints[spec.name]):
-            values[spec.name] = _build(hints[spec.name], value, key + ".")
-            continue
-        try:
-            values[spec.name] = spec.metadata["parse"](value)
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    return cls(**values)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -114,24 +113,6 @@ def networks(value: Any) -> tuple[Network, ...]:
     return tuple(indexed(network, as_list(value)))
 
 
-def providers(value: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """{name: [MX host glob, …]} in order; the first matching pattern names the provider."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{value!r} is not a mapping of provider name to MX host patterns")
-    out = []
-    for name, patterns in value.items():
-        if not isinstance(name, str) or not re.match(r"^[a-z][a-z0-9_]*$", name):
-            raise ValueError(f"{name!r} is not a provider name (lowercase letters, digits, _)")
-        if name == "other":
-            raise ValueError("'other' is implicit (everything that matches no pattern)")
-        try:
-            globs = tuple(str(p).lower() for p in as_list(patterns))
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from None
-        out.append((name, globs))
-    return tuple(out)
-
-
 def optional_path(value: Any) -> Path | None:
     """A path, or "" / null for "not configured"."""
     return None if value in ("", None) else path(value)
@@ -159,62 +140,6 @@ def choice(*options: str) -> Callable[[Any], str]:
     return parse
 
 
-TLS_MODES = ("opportunistic", "required", "verify")
-
-
-def tls_policies(value: Any) -> tuple[tuple[str, str], ...]:
-    """{recipient domain: mode}; a leading dot also matches subdomains (".example.com")."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{value!r} is not a mapping of domain to TLS mode")
-    mode = choice(*TLS_MODES)
-    out = []
-    for domain, setting in value.items():
-        name = str(domain).lower().rstrip(".")
-        hostname(name.lstrip("."))
-        try:
-            out.append((name, mode(setting)))
-        except ValueError as exc:
-            raise ValueError(f"{domain}: {exc}") from None
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class DkimKey:
-    domain: str
-    selector: str
-    key_file: Path
-
-
-def dkim_keys(value: Any) -> tuple[DkimKey, ...]:
-    """[{domain, selector, key_file}, …]: one signing key per sender domain."""
-
-    def key(item: Any) -> DkimKey:
-        if not isinstance(item, Mapping) or set(item) != {"domain", "selector", "key_file"}:
-            raise ValueError(f"{item!r} needs exactly domain, selector and key_file")
-        selector = str(item["selector"])
-        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", selector):
-            raise ValueError(f"{selector!r} is not a DKIM selector")
-        return DkimKey(hostname(item["domain"]).lower(), selector, path(item["key_file"]))
-
-    keys = indexed(key, as_list(value))
-    domains = [k.domain for k in keys]
-    if len(domains) != len(set(domains)):
-        raise ValueError("one key per domain")
-    return tuple(keys)
-
-
-def header_names(value: Any) -> tuple[str, ...]:
-    def name(item: Any) -> str:
-        if not isinstance(item, str) or not re.match(r"^[!-9;-~]+$", item):
-            raise ValueError(f"{item!r} is not a header field name")
-        return item.lower()
-
-    names = tuple(indexed(name, as_list(value)))
-    if "from" not in names:
-        raise ValueError("must include from (RFC 6376 §5.4)")
-    return names
-
-
 def path(value: Any) -> Path:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{value!r} is not a path")
@@ -238,6 +163,18 @@ def indexed(parse: Callable[[Any], T], items: list[Any]) -> list[T]:
     return out
 
 
-def option(parse: Callable[[Any], Any], default: Any) -> Any:
-    """A dataclass field with its YAML parser and default."""
-    return field(default=default, metadata={"parse": parse})
+def mapping(value: Any, what: str) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{value!r} is not a mapping of {what}")
+    return value
+
+
+def keyed(value: Any, what: str, key: Any, parse: Any) -> tuple[tuple[Any, Any], ...]:
+    """{k: v} parsed pairwise in order, naming the failing key in the error."""
+    out = []
+    for raw_key, raw_value in mapping(value, what).items():
+        try:
+            out.append((key(raw_key), parse(raw_value)))
+        except ValueError as exc:
+            raise ValueError(f"{raw_key}: {exc}") from None
+    return tuple(out)

@@ -11,7 +11,6 @@ import ctypes.util
 import errno
 import gc
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -21,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from relay import config
-from relay.intake import handler as intake
-from relay.intake import users
+from relay.delivery.agent import SmtpAgent
+from relay.intake import dkim, listeners, tls, users
+from relay.intake.handler import IntakeHandler
+from relay.intake.notifier import Notifier
 from relay.observe import logs, metrics
 from relay.observe.endpoint import Endpoint
 from relay.ops import control
 from relay.schedule.scheduler import Scheduler
+from relay.spool import reserve
+from relay.spool.layout import DEAD
 from relay.spool.store import Spool
 
 ROLES = ("intake", "scheduler")
@@ -71,8 +74,8 @@ def serve(config_file: str | None, cfg: config.Config) -> int:
 def preflight(config_file: str | None, cfg: config.Config) -> list[str]:
     """Load what the workers will load (certificate, users, DKIM keys), so that a bad file stops the
     start with one line (ConfigError); returns warnings about secrets others can read."""
-    intake.tls_context(cfg)
-    intake.signer(cfg)
+    tls.tls_context(cfg)
+    dkim.signer(cfg.dkim)
     users_file = cfg.smtp.auth.users_file
     if users_file is not None:
         try:
@@ -118,7 +121,11 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
         metrics.reset_directory(self.metrics_dir)
-        registry = metrics.registry(self.metrics_dir, self.spool, lambda: self.cfg.spool)
+        registry = metrics.registry(
+            self.metrics_dir,
+            lambda: self.spool.count(DEAD),
+            lambda: reserve.room(self.spool.space(), self.cfg.spool.min_free),
+        )
         endpoint = Endpoint(registry, self.not_ready)
         try:
             server = await endpoint.start(*self.cfg.metrics.listen)
@@ -165,10 +172,8 @@ class Supervisor:
                 out.append(f"{role}: not started")
             elif now - self.seen.get(role, 0.0) > STALE:
                 out.append(f"{role}: no heartbeat for {now - self.seen[role]:.0f}s")
-        probe = self.spool.root / "tmp" / f"readyz.{secrets.token_hex(4)}"
         try:
-            probe.write_bytes(b"")
-            probe.unlink()
+            self.spool.check_writable()
         except OSError as exc:
             out.append(f"spool: not writable: {exc.strerror}")
         return out
@@ -178,7 +183,7 @@ class Supervisor:
         delivery goes on (so the watchdog is still fed)."""
         out = self.problems()
         with contextlib.suppress(OSError):  # a spool that is gone: problems() says so
-            if shortage := self.cfg.spool.shortage(self.spool.space()):
+            if shortage := reserve.shortage(self.spool.space(), self.cfg.spool.min_free):
                 out.append(shortage)
         return out
 
@@ -405,8 +410,8 @@ class Worker:
 async def run_intake(w: Worker) -> int:
     w.listen_for_signals()
     try:
-        handler = intake.IntakeHandler(
-            w.cfg, w.spool, intake.Notifier(w.spool.socket_address(control.WAKE_SOCKET))
+        handler = IntakeHandler(
+            w.cfg, w.spool, Notifier(w.spool.socket_address(control.WAKE_SOCKET))
         )
     except config.ConfigError as exc:
         logs.event("error", level="error", stage="intake", error=str(exc))
@@ -437,11 +442,11 @@ async def run_intake(w: Worker) -> int:
     return 0
 
 
-async def _bind(handler: intake.IntakeHandler) -> list[asyncio.Server] | None:
+async def _bind(handler: IntakeHandler) -> list[asyncio.Server] | None:
     deadline = time.monotonic() + BIND_RETRY
     while True:
         try:
-            return await intake.serve(handler)
+            return await listeners.serve(handler)
         except OSError as exc:
             # A predecessor orphaned by a killed supervisor may still be closing its sockets.
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
@@ -462,7 +467,7 @@ async def run_scheduler(w: Worker) -> int:
 
 
 async def _schedule(w: Worker) -> int:
-    scheduler = Scheduler(w.cfg, w.spool, heartbeat=lambda: w.status("alive"))
+    scheduler = Scheduler(w.cfg, w.spool, SmtpAgent(w.cfg), heartbeat=lambda: w.status("alive"))
     server = await control.serve(scheduler, w.spool)
     wake = await control.listen_wake(scheduler, w.spool)
     running = asyncio.ensure_future(scheduler.run())

@@ -1,5 +1,5 @@
-"""Delivery stage, command pipelining (RFC 2920) on an aiosmtplib session: a group of commands
-goes out in one write and their replies are read back in order."""
+"""Delivery, command pipelining: on an aiosmtplib session, a group of commands goes out in one
+write and their replies are read back in order (RFC 2920)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Connection pool stage: idle outbound SMTP sessions kept per destination for the next delivery."""
+"""Delivery, the pool: idle outbound SMTP sessions kept per destination for the next delivery."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtplib import SMTP, SMTPException
+
+# How long an idle session may take to answer RSET before it is given up (Postfix's
+# smtp_rset_timeout), and a QUIT to be answered and the connection closed.
+RSET_TIMEOUT = 20.0
+CLOSE_TIMEOUT = 5.0
 
 
 class Connection(SMTP):

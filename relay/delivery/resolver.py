@@ -1,7 +1,7 @@
-"""Resolver stage: turns a recipient domain into the ordered MX hosts and addresses to try
-(RFC 5321 §5.1, null MX RFC 7505), or into its configured smarthosts, behind a query limit and a
-TTL-bounded cache. A host's A and AAAA queries stand alone: one that fails leaves the other's
-addresses usable (RFC 4074 servers mishandle AAAA), as in Postfix."""
+"""Delivery, the resolver: turns a recipient domain into the ordered MX hosts and addresses to
+try (RFC 5321 §5.1, null MX RFC 7505), or into its configured smarthosts, behind a query limit
+and a TTL-bounded cache. A host's A and AAAA queries stand alone: one that fails leaves the
+other's addresses usable (RFC 4074 servers mishandle AAAA), as in Postfix."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import dns.nameserver
 import dns.rdtypes.ANY.MX
 import dns.resolver
 
-from relay.config.model import Config, DnsConfig
-from relay.config.shaping import Smarthost
+from relay.config.delivery import DnsConfig
+from relay.config.routes import Smarthost
 from relay.mail.address import address_literal
 from relay.mail.reply import Reply, Verdict, classify
 from relay.observe import logs
@@ -148,7 +148,7 @@ class Resolver:
         """The route for domain and the shortest TTL among the records it was built from."""
         name = _name(domain)
         try:
-            mx = await self._lookup(name, "MX")
+            mx = await self.lookup(name, "MX")
         except dns.resolver.NXDOMAIN:
             raise ResolveError(Reply(550, "5.1.2", f"{domain} does not exist (NXDOMAIN)")) from None
         except dns.exception.DNSException as exc:
@@ -213,11 +213,11 @@ class Resolver:
     ) -> dns.resolver.Answer | dns.exception.DNSException:
         """One query within the limit: its answer (empty for NoAnswer), or why it failed."""
         try:
-            return await self._lookup(name, rdtype)
+            return await self.lookup(name, rdtype)
         except dns.exception.DNSException as exc:
             return exc
 
-    async def _lookup(self, name: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
+    async def lookup(self, name: dns.name.Name, rdtype: str) -> dns.resolver.Answer:
         """One query within the limit; an empty answer (NoAnswer) is returned, not raised."""
         async with self._limit:
             return await self._dns.resolve(name, rdtype, raise_on_no_answer=False)
@@ -241,23 +241,6 @@ class Resolver:
         self._cache[domain] = (started + ttl, value)
         if len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-
-
-class Router:
-    """Where mail for a recipient domain goes: through the smarthosts of the first route rule
-    that matches it, else to the domain's MX hosts."""
-
-    def __init__(self, cfg: Config, resolver: Resolver) -> None:
-        self._cfg = cfg
-        self._resolver = resolver
-
-    async def route(self, domain: str) -> Route:
-        """The route for domain; ResolveError when DNS alone settles the attempt."""
-        name = domain.strip().rstrip(".").lower()
-        rule = self._cfg.route_rule(name)
-        if rule is None:
-            return await self._resolver.route(domain)  # as it was given: a literal keeps its case
-        return await self._resolver.smarthosts(name, rule.via)
 
 
 def dns_resolver(cfg: DnsConfig) -> dns.asyncresolver.Resolver:

@@ -1,45 +1,27 @@
-"""TLS policy stage: what TLS a delivery to one recipient domain demands and which MX hosts it
-may use, from the configuration or from the domain's own MTA-STS policy (RFC 8461)."""
+"""Delivery, TLS policy: what TLS a delivery to one recipient domain demands and which MX hosts
+it may use (from the configuration, the domain's own MTA-STS policy or the default), and the TLS
+mode each address is tried in."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import re
 import ssl
-import time
-import weakref
-from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import dns.exception
-import dns.name
-import dns.resolver
-
-from relay.config.model import TLS_MODES, DeliveryConfig
-from relay.delivery.resolver import answer_ttl, dns_resolver
-from relay.mail.address import DOMAIN
+from relay.config.delivery import TLS_MODES, DeliveryConfig
+from relay.delivery.mtasts import MtaSts, mx_matches
+from relay.delivery.peer import Peer, RecipientResult, TlsFailed, Unsettled
+from relay.delivery.resolver import Host, Route
+from relay.observe import metrics
 
 OPPORTUNISTIC, REQUIRED, VERIFY = TLS_MODES
-STS_MODES = ("enforce", "testing", "none")
-MAX_AGE_LIMIT = 31_557_600  # RFC 8461 §3.2: max_age is at most a year
-MAX_POLICY_SIZE = 64 * 1024  # RFC 8461 §3.3: senders may refuse larger policy bodies
-POLICY_PATH = "/.well-known/mta-sts.txt"  # RFC 8461 §3.3
-# How long a domain without a usable policy (no TXT record, or a failed fetch) is left alone
-# before discovery is tried again; a TXT record's own TTL is honoured when shorter.
-RETRY_DISCOVERY = 300.0
-CACHE_SIZE = 10_000
+# A session mode beside the policy modes: no STARTTLS at all (opportunistic's fallback).
+PLAINTEXT = "plaintext"
 
-# RFC 8461 §3.1 and §3.2: field names of the TXT record and of the policy share one grammar.
-FIELD_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}"
-TXT_VERSION = re.compile(r"v[ \t]*=[ \t]*STSv1")
-TXT_FIELD = re.compile(rf"({FIELD_NAME})[ \t]*=[ \t]*([\x21-\x3a\x3c\x3e-\x7e]+)")
-TXT_ID = re.compile(r"[A-Za-z0-9]{1,32}")
-POLICY_FIELD = re.compile(rf"({FIELD_NAME}):[ \t]*(.*?)[ \t]*")
-MAX_AGE = re.compile(r"[0-9]{1,10}")
-MX_PATTERN = re.compile(rf"(?:\*\.)?{DOMAIN}")  # ["*."] Domain (RFC 5321 §4.1.2)
+# A new session to a peer in a TLS mode, and the transaction on it: the results, or
+# TlsFailed (before any MAIL) when it cannot have the TLS the mode asks for.
+Session = Callable[[Peer, str], Awaitable[list[RecipientResult]]]
 
 
 @dataclass(frozen=True)
@@ -58,29 +40,6 @@ class Policy:
         return not self.mx or any(mx_matches(pattern, host) for pattern in self.mx)
 
 
-@dataclass(frozen=True)
-class StsPolicy:
-    """A parsed MTA-STS policy (RFC 8461 §3.2)."""
-
-    mode: str  # enforce, testing or none
-    max_age: int  # seconds, at most MAX_AGE_LIMIT
-    mx: tuple[str, ...]  # lower-case host names and "*." patterns
-
-
-class PolicyError(ValueError):
-    """An MTA-STS policy that could not be fetched or is not valid."""
-
-
-@dataclass
-class _Cached:
-    """What discovery found for a domain, as of the TXT record id it was found under."""
-
-    id: str | None
-    policy: StsPolicy | None  # None: no usable policy
-    expires: float  # monotonic; the policy's max_age, or when to try discovery again
-    recheck: float  # until then the TXT record is not looked up again
-
-
 class TlsPolicy:
     """The policy for each recipient domain; MTA-STS policies are cached per domain."""
 
@@ -88,10 +47,14 @@ class TlsPolicy:
         self._cfg = cfg
         # Verifies certificates for the verify mode, MTA-STS MX hosts and policy fetches.
         self.context = verifying_context(cfg.tls.ca_file)
-        self._dns = dns_resolver(cfg.dns)
-        self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        # One discovery at a time per domain, so a burst of mail makes one fetch.
-        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._sts = MtaSts(cfg, self.context)
+
+    async def for_route(self, route: Route) -> Policy:
+        """The recipient domain's TLS policy for its MX hosts (for_domain); not looked up for a
+        route through smarthosts only, whose own settings apply (for_host)."""
+        if all(host.smarthost is not None for host in route.hosts):
+            return Policy(OPPORTUNISTIC, "smarthost")
+        return await self.for_domain(route.domain)
 
     async def for_domain(self, domain: str) -> Policy:
         """The policy for mail to domain: an entry in delivery.tls.policies wins, then the
@@ -103,110 +66,86 @@ class TlsPolicy:
         default = Policy(self._cfg.tls.default, "default")
         if not self._cfg.mta_sts.enabled or domain.startswith("["):
             return default
-        lock = self._locks.get(domain)
-        if lock is None:
-            lock = self._locks[domain] = asyncio.Lock()
-        async with lock:
-            sts = await self._discover(domain)
+        sts = await self._sts.policy(domain)
         if sts is None or sts.mode == "none":
             return default
         if sts.mode == "enforce":
             return Policy(VERIFY, "mta-sts", sts.mx)
         return Policy(self._cfg.tls.default, "mta-sts", sts.mx, testing=True)
 
-    async def _discover(self, domain: str) -> StsPolicy | None:
-        """RFC 8461 §5.1: the cached policy while its TXT id stands, a fresh one when the id
-        changes; a failed lookup or fetch falls back to the cache, else to no policy."""
-        now = time.monotonic()
-        cached = self._cache.get(domain)
-        if cached is not None and now >= cached.expires:
-            del self._cache[domain]
-            cached = None
-        if cached is not None and now < cached.recheck:
-            return cached.policy
-        try:
-            policy_id, ttl = await self._record_id(domain)
-        except dns.exception.DNSException:
-            return self._failed(domain, cached, None, now)
-        recheck = now + min(ttl, self._cfg.dns.max_cache_ttl)
-        if cached is not None and (policy_id is None or policy_id == cached.id):
-            # RFC 8461 §8.3: a vanished record does not withdraw a policy before its max_age.
-            cached.recheck = min(recheck, cached.expires)
-            return cached.policy
-        if policy_id is None:
-            self._remember(domain, _Cached(None, None, recheck, recheck))
-            return None
-        try:
-            policy = await self._fetch(domain)
-        except PolicyError:
-            return self._failed(domain, cached, policy_id, now)
-        expires = now + policy.max_age
-        self._remember(domain, _Cached(policy_id, policy, expires, min(recheck, expires)))
+
+def for_host(host: Host, policy: Policy) -> Policy:
+    """The TLS policy at host: a smarthost's own tls and verify settings (MTA-STS and
+    delivery.tls do not apply to it), else the recipient domain's policy."""
+    smarthost = host.smarthost
+    if smarthost is None:
         return policy
+    if smarthost.tls in ("starttls", "smtps"):
+        return Policy(VERIFY if smarthost.verify else REQUIRED, "smarthost")
+    return Policy(PLAINTEXT if smarthost.tls == "none" else OPPORTUNISTIC, "smarthost")
 
-    def _failed(
-        self, domain: str, cached: _Cached | None, policy_id: str | None, now: float
-    ) -> StsPolicy | None:
-        """Discovery failed: the cached policy stands (RFC 8461 §5.1), else there is none; not
-        tried again for RETRY_DISCOVERY, so that a broken domain does not slow every delivery."""
-        retry = now + RETRY_DISCOVERY
-        if cached is not None:
-            cached.recheck = min(retry, cached.expires)
-            return cached.policy
-        self._remember(domain, _Cached(policy_id, None, retry, retry))
-        return None
 
-    async def _record_id(self, domain: str) -> tuple[str | None, float]:
-        """The id in _mta-sts.<domain>'s TXT record (None: no valid record) and how long that
-        answer may be reused. DNSException when the lookup fails."""
-        name = dns.name.from_text(f"_mta-sts.{domain}")
+def satisfies(policy: Policy, tls: bool, verified: bool) -> bool:
+    """Whether a session with that TLS may carry mail under policy: opportunistic, plain text
+    and testing take any; required takes TLS; verify a verified certificate."""
+    if policy.testing or policy.mode in (OPPORTUNISTIC, PLAINTEXT):
+        return True
+    return verified if policy.mode == VERIFY else tls
+
+
+async def attempt(peer: Peer, policy: Policy, session: Session) -> list[RecipientResult]:
+    """One address under policy; Unsettled when it settles nothing, so the next is tried.
+
+    Opportunistic: STARTTLS when offered, and once more in plain text if TLS fails, as it
+    must not make delivery worse than no TLS (RFC 7435 §3). Required and verify: TLS or no
+    transaction at all. Testing: as enforce would, but a failure is only reported.
+    """
+    if policy.testing:
+        return await _testing(peer, policy, session)
+    if policy.mode == OPPORTUNISTIC:
         try:
-            answer = await self._dns.resolve(name, "TXT", raise_on_no_answer=False)
-        except dns.resolver.NXDOMAIN:
-            return None, RETRY_DISCOVERY
-        texts = [b"".join(record.strings).decode("latin-1") for record in answer]
-        return record_id(texts), answer_ttl(answer)
+            return await session(peer, OPPORTUNISTIC)
+        except TlsFailed:
+            return await session(peer, PLAINTEXT)
+    try:
+        return await session(peer, policy.mode)
+    except TlsFailed as exc:
+        metrics.TLS.labels("failed").inc()
+        raise Unsettled(peer, exc.reply) from None
 
-    async def _fetch(self, domain: str) -> StsPolicy:
-        """RFC 8461 §3.3: GET the policy over HTTPS from mta-sts.<domain>, its certificate
-        verified, no redirects, within fetch_timeout; PolicyError for any failure."""
-        host = dns.name.from_text(f"mta-sts.{domain}")
-        name = host.to_text(omit_final_dot=True)
-        sts = self._cfg.mta_sts
-        try:
-            async with asyncio.timeout(sts.fetch_timeout):
-                addresses = await self._addresses(host)
-                text = await https_get(addresses, name, sts.port, POLICY_PATH, self.context)
-        except PolicyError:
-            raise
-        except TimeoutError:
-            raise PolicyError(f"no policy from {name} within {sts.fetch_timeout:g}s") from None
-        except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
-            raise PolicyError(f"fetching {_url(name, sts.port)}: {exc}") from None
-        except dns.exception.DNSException as exc:
-            raise PolicyError(f"no address for {name}: {exc}") from None
-        return parse_policy(text)
 
-    async def _addresses(self, name: dns.name.Name) -> list[str]:
-        """name's IPv4 addresses, else its IPv6 ones, from the configured name servers; a
-        query that fails does not hide the other's answer (RFC 4074, as for MX hosts)."""
-        failed = []
-        for rdtype in ("A", "AAAA"):
-            try:
-                answer = await self._dns.resolve(name, rdtype, raise_on_no_answer=False)
-            except dns.exception.DNSException as exc:
-                failed.append(f"{rdtype}: {exc}")
-                continue
-            if addresses := [record.address for record in answer]:
-                return addresses
-        why = f" ({'; '.join(failed)})" if failed else ""
-        raise PolicyError(f"{name.to_text(omit_final_dot=True)} has no address{why}")
+async def _testing(peer: Peer, policy: Policy, session: Session) -> list[RecipientResult]:
+    """RFC 8461 §5: under a policy in testing mode, try what enforce would demand (a listed
+    MX host, a verified certificate); when that fails, note it and deliver as configured."""
+    peer = unlisted(peer, policy)
+    enforced = replace(policy, testing=False, mx=())
+    if policy.mode == VERIFY:
+        return await attempt(peer, enforced, session)
+    try:
+        return await session(peer, VERIFY)
+    except TlsFailed as exc:
+        peer = peer.noting(f"MTA-STS testing: {exc.reply.text}")
+        metrics.STS_TESTING_FAILURES.inc()
+    return await attempt(peer, enforced, session)
 
-    def _remember(self, domain: str, entry: _Cached) -> None:
-        self._cache.pop(domain, None)
-        self._cache[domain] = entry
-        if len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+
+def unlisted(peer: Peer, policy: Policy) -> Peer:
+    """RFC 8461 §5: note an MX host that an MTA-STS policy in testing mode does not list."""
+    if policy.allows(peer.mx or ""):
+        return peer
+    metrics.STS_TESTING_FAILURES.inc()
+    return peer.noting(f"MTA-STS testing: {peer.mx} is not an MX host the policy lists")
+
+
+def reused(peer: Peer, policy: Policy) -> Peer:
+    """Under a policy in testing mode, note what enforce would refuse of a reused session."""
+    if not policy.testing:
+        return peer
+    peer = unlisted(peer, policy)
+    if peer.verified:
+        return peer
+    metrics.STS_TESTING_FAILURES.inc()
+    return peer.noting(f"MTA-STS testing: the session to {peer.where} is not verified")
 
 
 def configured_mode(policies: Sequence[tuple[str, str]], domain: str) -> str | None:
@@ -222,73 +161,6 @@ def configured_mode(policies: Sequence[tuple[str, str]], domain: str) -> str | N
     return max(suffixes, key=lambda found: found[0])[1] if suffixes else None
 
 
-def mx_matches(pattern: str, host: str) -> bool:
-    """RFC 8461 §4.1: "*.example.com" matches one more label in front (mx1.example.com, not
-    example.com nor a.b.example.com); anything else matches the host name itself."""
-    host = host.lower().rstrip(".")
-    if not pattern.startswith("*."):
-        return host == pattern
-    label, dot, parent = host.partition(".")
-    return bool(label) and bool(dot) and parent == pattern[2:]
-
-
-def record_id(records: Sequence[str]) -> str | None:
-    """RFC 8461 §3.1: the id of the one TXT record that is "v=STSv1; id=…"; None when no record
-    or more than one starts with the version, or when that record is not valid."""
-    candidates = [
-        fields for fields in (record.split(";") for record in records)
-        if TXT_VERSION.fullmatch(fields[0].rstrip(" \t"))
-    ]  # fmt: skip
-    if len(candidates) != 1:
-        return None
-    fields = [field.strip(" \t") for field in candidates[0][1:]]
-    if fields and not fields[-1]:
-        fields.pop()  # a trailing separator is allowed
-    found = None
-    for field in fields:
-        match = TXT_FIELD.fullmatch(field)
-        if match is None:
-            return None
-        name, value = match.groups()
-        if name == "id":
-            if not TXT_ID.fullmatch(value):
-                return None
-            found = found or value
-    return found
-
-
-def parse_policy(text: str) -> StsPolicy:
-    """RFC 8461 §3.2: "key: value" lines ending in CRLF or LF. Unknown keys are ignored, a
-    repeated key other than mx keeps its first value; PolicyError when the policy is invalid."""
-    fields: dict[str, str] = {}
-    patterns: list[str] = []
-    for raw in text.split("\n"):
-        line = raw.removesuffix("\r")
-        if not line.strip(" \t"):
-            continue
-        match = POLICY_FIELD.fullmatch(line)
-        if match is None:
-            raise PolicyError(f"not a 'key: value' line: {line[:80]!r}")
-        key, value = match.groups()
-        if key == "mx":
-            if not MX_PATTERN.fullmatch(value):
-                raise PolicyError(f"mx {value!r} is not a host name or *.domain pattern")
-            patterns.append(value.lower())
-        else:
-            fields.setdefault(key, value)
-    if fields.get("version") != "STSv1":
-        raise PolicyError(f"version is {fields.get('version')!r}, not 'STSv1'")
-    mode = fields.get("mode")
-    if mode not in STS_MODES:
-        raise PolicyError(f"mode is {mode!r}, not one of {', '.join(STS_MODES)}")
-    max_age = fields.get("max_age")
-    if max_age is None or not MAX_AGE.fullmatch(max_age):
-        raise PolicyError(f"max_age is {max_age!r}, not a number of seconds")
-    if mode != "none" and not patterns:
-        raise PolicyError(f"no mx in a policy in {mode} mode")
-    return StsPolicy(mode, min(int(max_age), MAX_AGE_LIMIT), tuple(patterns))
-
-
 def verifying_context(ca_file: Path | None) -> ssl.SSLContext:
     """A client context that verifies the chain and the host name against the system's CAs
     plus ca_file (RFC 8461 §4.2; the verify mode)."""
@@ -297,92 +169,3 @@ def verifying_context(ca_file: Path | None) -> ssl.SSLContext:
         context.load_verify_locations(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
-
-
-async def https_get(
-    addresses: Sequence[str], name: str, port: int, path: str, context: ssl.SSLContext
-) -> str:
-    """GET https://name:port/path from the first address that accepts a connection: the body
-    of a 200 text/plain answer, at most MAX_POLICY_SIZE bytes of UTF-8. Redirects are not
-    followed (RFC 8461 §3.3). Raises OSError, EOFError, ValueError or LimitOverrunError."""
-    error: OSError = OSError(f"no address for {name}")
-    for address in addresses:
-        try:
-            reader, writer = await asyncio.open_connection(
-                address, port, ssl=context, server_hostname=name
-            )
-        except OSError as exc:
-            error = exc
-            continue
-        try:
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {_authority(name, port)}\r\nAccept: text/plain\r\n"
-                "Connection: close\r\nUser-Agent: relay\r\n\r\n".encode("ascii")
-            )
-            return await _response(reader)
-        finally:
-            # The answer is complete (or useless): no need to wait for a TLS close_notify.
-            writer.transport.abort()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    raise error
-
-
-def _authority(name: str, port: int) -> str:
-    """The Host header's value: the port only when it is not HTTPS's (RFC 9110 §7.2)."""
-    return name if port == 443 else f"{name}:{port}"
-
-
-def _url(name: str, port: int) -> str:
-    return f"https://{_authority(name, port)}{POLICY_PATH}"
-
-
-async def _response(reader: asyncio.StreamReader) -> str:
-    """The body of an HTTP/1.1 response, if it is a 200 text/plain one of bounded size."""
-    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
-    status, *lines = head.split("\r\n")
-    version, _, rest = status.partition(" ")
-    code = rest[:3]
-    if not version.startswith("HTTP/1.") or code != "200":
-        raise ValueError(f"HTTP status {status!r}, not 200")
-    headers = {}
-    for line in lines:
-        if line:
-            key, colon, value = line.partition(":")
-            if not colon:
-                raise ValueError(f"malformed HTTP header {line[:80]!r}")
-            headers[key.strip().lower()] = value.strip()
-    media = headers.get("content-type", "").split(";")[0].strip().lower()
-    if media != "text/plain":
-        raise ValueError(f"content type {media!r}, not text/plain")  # RFC 8461 §3.2
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        body = await _chunked(reader)
-    elif "content-length" in headers:
-        length = int(headers["content-length"])
-        if length > MAX_POLICY_SIZE:
-            raise ValueError(f"policy of {length} bytes is larger than {MAX_POLICY_SIZE}")
-        body = await reader.readexactly(length)
-    else:
-        body = await _until_end(reader)
-    return body.decode("utf-8")
-
-
-async def _chunked(reader: asyncio.StreamReader) -> bytes:
-    """A chunked body (RFC 9112 §7.1), at most MAX_POLICY_SIZE bytes; trailers are not read."""
-    body = bytearray()
-    while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
-        if len(body) + size > MAX_POLICY_SIZE:
-            raise ValueError(f"policy larger than {MAX_POLICY_SIZE} bytes")
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)  # the CRLF after the chunk
-    return bytes(body)
-
-
-async def _until_end(reader: asyncio.StreamReader) -> bytes:
-    """A body delimited by the end of the connection, at most MAX_POLICY_SIZE bytes."""
-    body = bytearray()
-    while len(body) <= MAX_POLICY_SIZE and (chunk := await reader.read(MAX_POLICY_SIZE)):
-        body += chunk
-    if len(body) > MAX_POLICY_SIZE:
-        raise ValueError(f"policy larger than {MAX_POLICY_SIZE} bytes")
-    return bytes(body)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 
-from relay.spool.store import Spill
+from relay.spool.spill import Spill
 
 # The end of the mail data (RFC 5321 §4.1.1.4): a line holding one dot. Searched for as
 # ".\r\n" so that the dot line right at the start of the data is found too.

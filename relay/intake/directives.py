@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime
 
-from relay.config.shaping import LANES
+from relay.config.lanes import LANES
 
 SEND_AT = b"x-relay-send-at"
 PRIORITY = b"x-relay-priority"

@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
 )
 
-from relay.config.model import DkimConfig
+from relay.config import ConfigError
+from relay.config.dkim import DkimConfig
 
 MIN_BITS = 1024  # RFC 8301 §3.2: signers MUST use at least 1024-bit RSA keys (SHOULD 2048)
 RELAXED = dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
@@ -61,6 +62,16 @@ class Signer:
         counts = Counter(n.lower() for n, _ in parsed.headers)
         include = [n for n in self._headers for _ in range(counts[n])]
         return parsed.sign_with(selector, domain.encode(), key, include, body_hash(body))
+
+
+def signer(cfg: DkimConfig) -> Signer | None:
+    """The signer for the configured keys, or None; ConfigError if a key is unusable."""
+    if not cfg.keys:
+        return None
+    try:
+        return Signer(cfg)
+    except DkimError as exc:
+        raise ConfigError(f"dkim.keys: {exc}") from None
 
 
 class _HeaderBlock(dkim.DKIM):  # type: ignore[misc]

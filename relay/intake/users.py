@@ -17,6 +17,10 @@ from pathlib import Path
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 SCRYPT_MAXMEM = 64 * 1024 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9._@+-]{1,128}$")
+# A sender domain as users files have always been read (lowercase): looser than
+# relay.mail.address.HOSTNAME_RE (empty or over-long labels, a hyphen at a label's edge) and
+# stricter (no trailing dot); kept as it is so that no existing file is refused.
+SENDER_DOMAIN_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 HASH_RE = re.compile(r"^\$scrypt\$n=(\d+),r=(\d+),p=(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 
 
@@ -91,7 +95,7 @@ def parse_domains(text: str, where: str = "--domains") -> tuple[str, ...]:
     if not domains:
         raise UsersError(f"{where}: give at least one sender domain (or * for any)")
     for domain in domains:
-        if domain != "*" and not re.match(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$", domain):
+        if domain != "*" and not SENDER_DOMAIN_RE.match(domain):
             raise UsersError(f"{where}: {domain!r} is not a domain")
     return domains
 

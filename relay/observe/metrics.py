@@ -9,19 +9,17 @@ what it measures itself (dead letters, free spool space, build info).
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import __version__
-from relay.config.model import SpoolConfig
-from relay.spool.store import Spool
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -175,28 +173,41 @@ def forget_process(path: Path, pid: int) -> None:
     multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
+class Room(NamedTuple):
+    """The spool's file system at a scrape: free bytes and inodes, and the reserve kept of each
+    (relay.spool.reserve.room)."""
+
+    free_bytes: int
+    free_inodes: int
+    reserve_bytes: int
+    reserve_inodes: int
+
+
+ROOM_HELP = {
+    "free_bytes": "Free bytes on the spool's file system.",
+    "free_inodes": "Free inodes on the spool's file system.",
+    "reserve_bytes": RESERVE_HELP.format("bytes", "spool.min_free"),
+    "reserve_inodes": RESERVE_HELP.format("inodes", "1% or 1000"),
+}
+
+
 class SpoolCollector(Collector):
     """Measured at scrape time: dead letters, free spool space against the reserve (with the
-    settings of the last reload), and what this build is."""
+    settings of the last reload), and what this build is; whoever builds it says how to
+    measure them."""
 
-    def __init__(self, spool: Spool, settings: Callable[[], SpoolConfig]) -> None:
-        self.spool = spool
-        self.settings = settings
+    def __init__(self, dead_letters: Callable[[], int], room: Callable[[], Room]) -> None:
+        self.dead_letters = dead_letters
+        self.room = room
 
     def collect(self) -> Iterator[Metric]:
-        dead = sum(1 for n in os.listdir(self.spool.root / "dead") if n.endswith(".json"))
         yield GaugeMetricFamily(
-            "relay_dead_letter_messages", "Messages in the dead-letter spool.", value=dead
+            "relay_dead_letter_messages",
+            "Messages in the dead-letter spool.",
+            value=self.dead_letters(),
         )
-        space = self.spool.space()
-        reserve_bytes, reserve_inodes = self.settings().reserve(space)
-        for name, help_text, value in (
-            ("free_bytes", "Free bytes on the spool's file system.", space.free_bytes),
-            ("free_inodes", "Free inodes on the spool's file system.", space.free_inodes),
-            ("reserve_bytes", RESERVE_HELP.format("bytes", "spool.min_free"), reserve_bytes),
-            ("reserve_inodes", RESERVE_HELP.format("inodes", "1% or 1000"), reserve_inodes),
-        ):
-            yield GaugeMetricFamily(f"relay_spool_{name}", help_text, value=value)
+        for name, value in self.room()._asdict().items():
+            yield GaugeMetricFamily(f"relay_spool_{name}", ROOM_HELP[name], value=value)
         info = GaugeMetricFamily(
             "relay_build_info", "Version of relay and Python.", labels=["version", "python"]
         )
@@ -205,10 +216,10 @@ class SpoolCollector(Collector):
 
 
 def registry(
-    multiproc_dir: Path, spool: Spool, settings: Callable[[], SpoolConfig]
+    multiproc_dir: Path, dead_letters: Callable[[], int], room: Callable[[], Room]
 ) -> CollectorRegistry:
     """The supervisor's registry: all workers' values plus the spool collector."""
     reg = CollectorRegistry()
     multiprocess.MultiProcessCollector(reg, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
-    reg.register(SpoolCollector(spool, settings))
+    reg.register(SpoolCollector(dead_letters, room))
     return reg

@@ -15,8 +15,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from relay.mail.target import expand
-from relay.ops.queueops import OPS, apply, selects
-from relay.spool.store import DEAD, QUEUE, Spool, SpoolError
+from relay.ops import summary
+from relay.schedule.actions import OPS, apply, selects
+from relay.spool.layout import DEAD, QUEUE
+from relay.spool.store import Spool, SpoolError
 
 if TYPE_CHECKING:
     from relay.schedule.scheduler import Scheduler
@@ -59,7 +61,7 @@ async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) 
     if op == "destinations":
         return {"destinations": scheduler.destination_report()}
     if op == "summary":
-        return await scheduler.shape()
+        return await _summary(scheduler)
     target, domain = str(request["target"]), request.get("domain")
     if op in OPS:
         return await scheduler.operate(op, target, domain)
@@ -70,6 +72,16 @@ async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) 
             result[await scheduler.requeue(msg_id)].append(msg_id)
         return result
     raise ValueError(f"unknown op {op!r}")
+
+
+async def _summary(scheduler: Scheduler) -> dict[str, Any]:
+    """The qshape summary from the scheduler's index, reading no file, once its first scan is
+    done."""
+    if not scheduler.indexed:
+        return {"indexed": False}
+    arrivals = scheduler.arrivals()
+    counted = await asyncio.to_thread(summary.count, arrivals, time.time())
+    return {"indexed": True, "summary": counted.as_json()}
 
 
 async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from relay.spool.store import Message
+from relay.spool.message import Message
 
 BUCKETS_MINUTES = (5, 10, 20, 40, 80, 160, 320, 640, 1280)
 LABELS = (*(str(m) for m in BUCKETS_MINUTES), f"{BUCKETS_MINUTES[-1]}+")

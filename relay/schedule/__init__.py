@@ -1,2 +1,3 @@
-"""Schedule: the index by next attempt, dispatch under the limits, one attempt, applying its
-outcome (retry, bounce, dead letter), backoff and shaping; it never speaks SMTP itself."""
+"""Schedule: the index by next attempt, dispatch under the limits, one attempt through the
+delivery agent it is given, applying its outcome (retry, bounce, dead letter), backoff and
+shaping, and the operator's actions on the queue; it never speaks SMTP itself."""

@@ -1,11 +1,11 @@
-"""Backoff stage: pure policy turning attempts, age and the retry config into the next delay or
-"give up"."""
+"""Schedule, the backoff: pure policy turning attempts, age and the retry config into the next
+delay or "give up"."""
 
 from __future__ import annotations
 
 import random
 
-from relay.config.model import RetryConfig
+from relay.config.delivery import RetryConfig
 
 
 def next_delay(attempts: int, age: float, retry: RetryConfig, rng: random.Random) -> float | None:

@@ -1,6 +1,6 @@
-"""Scheduler stage, traffic shaping: per-destination limits and adaptive throttling, and the
-ready queues that pick the next message by lane, destination and fresh-or-retried turn; pure
-state driven by the monotonic times the scheduler passes in."""
+"""Schedule, traffic shaping: per-destination limits and adaptive throttling, and the ready
+queues that pick the next message by lane, destination and fresh-or-retried turn; pure state
+driven by the monotonic times the scheduler passes in."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.config.shaping import LANES, Limits, ThrottleConfig
+from relay.config.destinations import Limits
+from relay.config.lanes import LANES
+from relay.config.throttle import ThrottleConfig
 from relay.mail.reply import Reply, classify
 
 # A destination's level goes up at most once per this many seconds: a burst of 421s from
@@ -28,7 +30,7 @@ class Signal:
     reply: Reply | None = None  # the reply that throttled or suspended
 
 
-def signal(replies: Iterable[Reply], cfg: ThrottleConfig) -> Signal:
+def signal_of(replies: Iterable[Reply], cfg: ThrottleConfig) -> Signal:
     """Throttle on 421, 4.7.28, rate wording or a configured pattern; suspend on a suspend
     pattern; clean when a reply delivered and none throttled."""
     delivered = False
@@ -93,6 +95,13 @@ class Destination:
         """Held back by its own limits or throttling (not by the relay's overall capacity)."""
         return self.level > 0 or self.opens_at(now) > now
 
+    def waits_for(self, now: float) -> str:
+        """Why mail ready for it waits: its suspension, its limits or throttling, or only the
+        relay's own capacity ("queued")."""
+        if self.suspended(now):
+            return "suspended"
+        return "throttled" if self.throttled(now) else "queued"
+
     def idle(self, now: float) -> bool:
         """Nothing to remember: no transaction, no throttling, no suspension, no rate slot."""
         return not (self.busy or self.level or self.suspended(now) or self.next_slot > now)
@@ -141,7 +150,8 @@ class Waiting(Protocol):
     def dests(self) -> tuple[str, ...]: ...
 
 
-KINDS = ("fresh", "retried")
+# Within a lane, fresh mail (never attempted) and retried mail take turns.
+TURNS = ("fresh", "retried")
 
 
 class Ready:
@@ -157,7 +167,7 @@ class Ready:
     def __init__(self, low_share: float) -> None:
         self.low_share = low_share
         self.queues: dict[str, dict[str, dict[str, deque[Waiting]]]] = {
-            lane: {kind: {} for kind in KINDS} for lane in LANES
+            lane: {turn: {} for turn in TURNS} for lane in LANES
         }
         self.retry_turn = dict.fromkeys(LANES, False)
         self.low_credit = 0.0
@@ -167,7 +177,7 @@ class Ready:
         return self.count
 
     def push(self, item: Waiting, dest: str, front: bool = False) -> None:
-        queue = self.queues[item.lane][_kind(item)].setdefault(dest, deque())
+        queue = self.queues[item.lane][_turn(item)].setdefault(dest, deque())
         if front:
             queue.appendleft(item)
         else:
@@ -177,14 +187,14 @@ class Ready:
     def waiting(self) -> Iterator[tuple[str, int]]:
         """(destination, messages waiting for it) for every destination with any."""
         totals: dict[str, int] = {}
-        for by_kind in self.queues.values():
-            for by_dest in by_kind.values():
+        for by_turn in self.queues.values():
+            for by_dest in by_turn.values():
                 for dest, queue in by_dest.items():
                     totals[dest] = totals.get(dest, 0) + len(queue)
         return iter(totals.items())
 
     def remove(self, item: Waiting, dest: str) -> bool:
-        by_dest = self.queues[item.lane][_kind(item)]
+        by_dest = self.queues[item.lane][_turn(item)]
         queue = by_dest.get(dest)
         if queue is None or item not in queue:
             return False
@@ -214,14 +224,14 @@ class Ready:
         return None
 
     def _has(self, lane: str) -> bool:
-        return any(self.queues[lane][kind] for kind in KINDS)
+        return any(self.queues[lane][turn] for turn in TURNS)
 
     def _pick_lane(self, lane: str, can_start: Callable[[str], bool]) -> tuple[Waiting, str] | None:
-        kinds = ("retried", "fresh") if self.retry_turn[lane] else KINDS
-        for kind in kinds:
-            found = self._pick_queue(self.queues[lane][kind], can_start)
+        turns = ("retried", "fresh") if self.retry_turn[lane] else TURNS
+        for turn in turns:
+            found = self._pick_queue(self.queues[lane][turn], can_start)
             if found is not None:
-                self.retry_turn[lane] = kind == "fresh"
+                self.retry_turn[lane] = turn == "fresh"
                 return found
         return None
 
@@ -241,5 +251,5 @@ class Ready:
         return None
 
 
-def _kind(item: Waiting) -> str:
+def _turn(item: Waiting) -> str:
     return "retried" if item.attempts else "fresh"

@@ -11,10 +11,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.e2e.test_lifecycle import under_systemd, write_config
-from tests.e2e.test_metrics import get, value
-from tests.e2e.test_shaping import eventually
-from tests.support.daemon import Relay, RelayFactory
+from tests.support.daemon import Relay, RelayFactory, eventually, under_systemd
 from tests.support.mx import MxSink
 
 NO_STORAGE = (452, b"4.3.1 Insufficient system storage")
@@ -29,7 +26,7 @@ def whole_disk(daemon: Relay) -> int:
 def reload(daemon: Relay, min_free: int) -> None:
     """Set spool.min_free and SIGHUP; return once the supervisor and the intake applied it."""
     mark = len(daemon.lines)
-    write_config(daemon, spool__min_free=min_free)
+    daemon.change_config(spool__min_free=min_free)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_event("reloaded", since=mark, process="supervisor")
@@ -51,25 +48,25 @@ def test_below_the_reserve_new_mail_waits_and_queued_mail_leaves(
         assert client.mail("app@sender.test") == NO_STORAGE  # every new transaction
     rejected = daemon.events("rejected", reason="disk_reserve")
     assert len(rejected) == 2 and rejected[0]["detail"].startswith("spool: below min_free: ")
-    status, body = get(daemon, "/readyz")
+    status, body = daemon.get("/readyz")
     assert status == 503
     assert body.startswith("spool: below min_free: ") and f"reserve {reserve}\n" in body
-    assert value(daemon, "relay_messages_rejected_total", reason="disk_reserve") == 2.0
-    assert value(daemon, "relay_spool_reserve_bytes") == reserve
-    assert value(daemon, "relay_spool_free_bytes") < reserve
+    assert daemon.metric("relay_messages_rejected_total", reason="disk_reserve") == 2.0
+    assert daemon.metric("relay_spool_reserve_bytes") == reserve
+    assert daemon.metric("relay_spool_free_bytes") < reserve
 
     # Below the reserve the operator's commands and delivery go on.
     assert "flushed 1 message" in daemon.cli("queue", "flush", queued).stdout
     sink.wait_for(1)
     daemon.wait_event("delivered", id=queued)
-    assert get(daemon, "/readyz")[0] == 503
+    assert daemon.get("/readyz")[0] == 503
 
     reload(daemon, 1 << 20)
     fresh = daemon.send(["fresh@a.test"])
     sink.wait_for(2)
     daemon.wait_event("delivered", id=fresh)
-    eventually(lambda: get(daemon, "/readyz") == (200, "ready\n"))
-    assert value(daemon, "relay_spool_reserve_bytes") == 1 << 20
+    eventually(lambda: daemon.get("/readyz") == (200, "ready\n"))
+    assert daemon.metric("relay_spool_reserve_bytes") == 1 << 20
     assert len(daemon.events("started")) == 2  # the same two workers throughout
 
 
@@ -92,9 +89,9 @@ def test_no_reserve_refuses_nothing(relay: RelayFactory, sink: MxSink) -> None:
     daemon = relay({"smtp": {"max_message_size": 1 << 60}, "spool": {"min_free": 0}})
     with daemon.smtp() as client:
         assert client.mail("app@sender.test", [f"SIZE={whole_disk(daemon)}"])[0] == 250
-    assert get(daemon, "/readyz") == (200, "ready\n")
-    assert value(daemon, "relay_spool_reserve_bytes") == 0.0
-    assert value(daemon, "relay_spool_reserve_inodes") == 0.0
+    assert daemon.get("/readyz") == (200, "ready\n")
+    assert daemon.metric("relay_spool_reserve_bytes") == 0.0
+    assert daemon.metric("relay_spool_reserve_inodes") == 0.0
 
 
 def test_below_the_reserve_systemd_keeps_it_running(
@@ -104,7 +101,7 @@ def test_below_the_reserve_systemd_keeps_it_running(
     that is delivering its queue."""
     start = functools.partial(relay, {"spool": {"min_free": 1 << 62}})
     with under_systemd(tmp_path, start) as (notify, daemon):
-        assert get(daemon, "/readyz")[0] == 503
+        assert daemon.get("/readyz")[0] == 503
         started = time.monotonic()
         pings = 0
         while pings < 3 and time.monotonic() - started < 10:

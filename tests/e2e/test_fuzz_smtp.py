@@ -26,14 +26,10 @@ locally each run draws new ones. A failure prints the shrunk session and a
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import re
-import socket
-import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -44,12 +40,11 @@ from hypothesis import strategies as st
 from tests.support.daemon import Relay
 from tests.support.dns import DnsServer
 from tests.support.mx import MxNet, MxSink
+from tests.support.smtp import RawClient
 
 EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "300"))
-REPLY_LINE = re.compile(rb"^(\d{3})([ -])[^\r\n]*\Z")
 QUEUED = re.compile(rb"^250 2\.0\.0 queued as ([0-9a-f]{20})$")
 CLOSING_CODES = {b"221", b"421", b"502"}  # QUIT, a limit or shutdown, too many bad commands
-QUIET = 0.05  # the server has said all it will about what we sent when it is silent this long
 READ_DEADLINE = 10.0
 OUTCOMES = {"delivered", "deferred", "failed", "error"}
 
@@ -158,99 +153,6 @@ def cut(payload: bytes, cuts: list[int]) -> list[bytes]:
     return [payload[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
-class Conversation:
-    """One raw connection. A thread reads all the time, so that what the server said before it
-    closed is kept even when a later write of ours meets the closed socket (the peer's RST
-    would otherwise discard it); writes stop once the server has gone."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=READ_DEADLINE)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.received = b""
-        self.ended: str | None = None  # "eof" or "reset" once the server has gone
-        self.changed = threading.Condition()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        while True:
-            try:
-                chunk = self.sock.recv(65536)
-            except OSError:  # reset, or our own shutdown at close()
-                chunk, ended = b"", "reset"
-            else:
-                ended = "eof"
-            with self.changed:
-                self.received += chunk
-                if not chunk:
-                    self.ended = self.ended or ended
-                self.changed.notify_all()
-            if not chunk:
-                return
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.reader.join(READ_DEADLINE)
-        self.sock.close()
-
-    def write(self, chunk: bytes) -> None:
-        if self.ended is not None:
-            return
-        try:
-            self.sock.sendall(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            with self.changed:
-                self.changed.wait_for(lambda: self.ended is not None, READ_DEADLINE)
-
-    def read_until_quiet(self) -> None:
-        """Wait until the server is silent for QUIET, or has gone."""
-        deadline = time.monotonic() + READ_DEADLINE
-        with self.changed:
-            while self.ended is None:
-                size = len(self.received)
-                self.changed.wait(QUIET)
-                if len(self.received) == size and self.ended is None:
-                    return
-                assert time.monotonic() < deadline, f"never silent: {self.received[-300:]!r}"
-
-    def replies(self) -> list[bytes]:
-        """The final line of each reply read so far; every line must be well-formed."""
-        with self.changed:
-            received, ended = self.received, self.ended
-        lines = received.split(b"\r\n")
-        tail = lines.pop()
-        assert tail == b"" or ended == "reset", f"a reply without CRLF: {tail!r}"
-        finals, code = [], None
-        for line in lines:
-            match = REPLY_LINE.match(line)
-            assert match, f"not a well-formed reply line: {line!r}"
-            assert code in (None, match[1]), f"multi-line reply changed its code: {line!r}"
-            code = match[1]
-            if match[2] == b" ":
-                finals.append(line)
-                code = None
-        assert code is None or ended == "reset", "a multi-line reply was never finished"
-        return finals
-
-    def finish(self) -> None:
-        """End an open DATA, then QUIT; the server must close the connection."""
-        for _ in range(3):
-            self.read_until_quiet()
-            if self.ended is not None:
-                return
-            replies = self.replies()
-            in_data = bool(replies) and replies[-1].startswith(b"354 ")
-            self.write(b"\r\n.\r\nQUIT\r\n" if in_data else b"\r\nQUIT\r\n")
-        self.read_until_quiet()
-        assert self.ended is not None, f"QUIT did not end the session: {self.received[-300:]!r}"
-
-
-def healthz(daemon: Relay) -> int:
-    with urllib.request.urlopen(f"{daemon.metrics_url}/healthz", timeout=5) as response:
-        return int(response.status)
-
-
 def first_outcome(daemon: Relay, queue_id: str, since: int) -> None:
     """Wait for the first delivery attempt of a queued message to end, one way or another."""
     deadline = time.monotonic() + READ_DEADLINE
@@ -295,7 +197,7 @@ def test_any_session_gets_well_formed_replies(
     prefix, lines = session
     payload = prefix + b"".join(lines)
     mark = len(fuzzed.daemon.lines)
-    conversation = Conversation(fuzzed.daemon.port)
+    conversation = RawClient(fuzzed.daemon.port, timeout=READ_DEADLINE, background=True)
     try:
         for chunk in cut(payload, cuts):
             conversation.write(chunk)
@@ -314,7 +216,7 @@ def test_any_session_gets_well_formed_replies(
             fuzzed.queued.append(queue_id)
             first_outcome(fuzzed.daemon, queue_id, since=mark)  # its errors are this example's
             assert_not_lost(fuzzed, queue_id)
-    assert healthz(fuzzed.daemon) == 200
+    assert fuzzed.daemon.get("/healthz")[0] == 200
     time.sleep(0.01)  # the log reader thread catches up with the last lines
     assert problems(fuzzed.daemon.lines[mark:]) == []
 

@@ -7,22 +7,17 @@ from __future__ import annotations
 
 import re
 import resource
-import select
-import socket
 import threading
 import time
-import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from tests.support.daemon import Relay, RelayFactory
 from tests.support.mx import MxSink
+from tests.support.smtp import REPLY_LINE, TIMEOUT, RawClient
 
-TIMEOUT = 10.0
-REPLY_LINE = re.compile(rb"^(\d{3})([ -])[^\r\n]*\r\n\Z")
 MAIL = b"MAIL FROM:<app@sender.test>\r\n"
 RCPT = b"RCPT TO:<user@a.test>\r\n"
 DATA = b"DATA\r\n"
@@ -44,72 +39,9 @@ TRUSTED_SOURCE = "127.0.0.8"
 MIB = 1 << 20
 
 
-class Client:
-    """A raw SMTP client: writes bytes exactly as given, reads whole replies (bounded by the
-    socket timeout) and fails on any line that is not a well-formed reply line."""
-
-    def __init__(self, daemon: Relay, source: str = "127.0.0.1", timeout: float = TIMEOUT) -> None:
-        self.sock = socket.create_connection(
-            ("127.0.0.1", daemon.port), timeout=timeout, source_address=(source, 0)
-        )
-        self.buffer = b""
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        """The next line the server wrote, with its line end; b"" at the end of the stream."""
-        while b"\n" not in self.buffer:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                rest, self.buffer = self.buffer, b""
-                return rest
-            self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line + b"\n"
-
-    def reply(self) -> bytes:
-        """One whole reply: its last line without CRLF. Every line must match `^\\d{3}[ -]` and
-        end in CRLF, and the lines of a multi-line reply share one code."""
-        code = None
-        while True:
-            line = self.line()
-            match = REPLY_LINE.match(line)
-            assert match, f"not a well-formed reply line: {line!r}"
-            assert code in (None, match[1]), f"multi-line reply changed its code: {line!r}"
-            code = match[1]
-            if match[2] == b" ":
-                return line[:-2]
-
-    def ask(self, *lines: bytes) -> list[bytes]:
-        """Send lines in one write (pipelined); one reply per line."""
-        self.send(b"".join(lines))
-        return [self.reply() for _ in lines]
-
-    def silent(self, seconds: float) -> bool:
-        """True if the server writes nothing (and does not close) for this long."""
-        if self.buffer:
-            return False
-        readable, _, _ = select.select([self.sock], [], [], seconds)
-        return not readable
-
-    def expect_closed(self) -> None:
-        """The server has closed the connection and has nothing more to say."""
-        rest = self.line()
-        assert rest == b"", f"expected the connection closed, got {rest!r}"
-
-
-def session(daemon: Relay, source: str = "127.0.0.1") -> Client:
+def session(daemon: Relay, source: str = "127.0.0.1") -> RawClient:
     """A client past the greeting and EHLO."""
-    client = Client(daemon, source)
+    client = RawClient(daemon.port, source)
     try:
         assert client.reply().startswith(b"220 relay.test ")
         assert client.ask(b"EHLO client.test\r\n")[0].startswith(b"250 ")
@@ -132,8 +64,7 @@ def assert_healthy(daemon: Relay, source: str = "127.0.0.1") -> None:
     """A normal message is accepted and delivered, /healthz says 200, no error was logged."""
     queue_id = submit(daemon, source)
     daemon.wait_event("delivered", id=queue_id)
-    with urllib.request.urlopen(f"{daemon.metrics_url}/healthz", timeout=5) as response:
-        assert response.status == 200
+    assert daemon.get("/healthz")[0] == 200
     assert daemon.events("error") == []
 
 
@@ -152,7 +83,7 @@ def intake_rss(daemon: Relay) -> int:
     return int(match[1]) * 1024
 
 
-def start_data(client: Client) -> None:
+def start_data(client: RawClient) -> None:
     replies = client.ask(MAIL, RCPT, DATA)
     assert replies[:2] == [MAIL_OK, RCPT_OK] and replies[2].startswith(b"354 "), replies
 
@@ -383,6 +314,30 @@ def test_malformed_addresses_refused(relay: RelayFactory, sink: MxSink, verb: by
     assert_healthy(daemon)
 
 
+BAD_RCPT = b"501 5.1.3 Bad recipient address syntax"
+# The exact reply a recipient the relay cannot use gets.
+RCPT_REPLIES = {
+    b"<nodomain>": BAD_RCPT,
+    b"<a@-bad-.test>": BAD_RCPT,
+    b"<>": BAD_RCPT,
+    b"<\xc3\xa9@a.test>": NEEDS_SMTPUTF8,
+    b"<user@[300.1.1.1]>": BAD_RCPT,
+    # RFC 5321 §4.1.3: an IPv6 literal needs its tag, and the tag an IPv6 address.
+    b"<user@[::1]>": BAD_RCPT,
+    b"<user@[IPv6:127.0.0.1]>": BAD_RCPT,
+}
+
+
+def test_bad_recipient_addresses_get_their_precise_reply(relay: RelayFactory, sink: MxSink) -> None:
+    daemon = relay()
+    replies = {}
+    for address in RCPT_REPLIES:
+        with session(daemon) as client:
+            replies[address] = client.ask(MAIL, b"RCPT TO:" + address + b"\r\n")[-1]
+    assert replies == RCPT_REPLIES
+    assert_nothing_queued(daemon, sink)
+
+
 @pytest.mark.parametrize(
     ("smtputf8_command", "bad"),
     [
@@ -569,7 +524,7 @@ def test_max_connections(relay: RelayFactory, sink: MxSink) -> None:
     daemon = relay({"smtp": {"limits": {"max_connections": 20}}})
     with ExitStack() as stack:
         idle = [stack.enter_context(session(daemon)) for _ in range(20)]
-        with Client(daemon) as extra:
+        with RawClient(daemon.port) as extra:
             assert extra.reply() == b"421 4.7.0 Too many connections, try again later"
             extra.expect_closed()
         idle.pop().sock.close()  # one leaves: its place is free again
@@ -583,7 +538,7 @@ def greeted_within(daemon: Relay, source: str, seconds: float) -> bool:
     """A new connection from source gets 220 within seconds (retrying while refused)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        with Client(daemon, source) as client:
+        with RawClient(daemon.port, source) as client:
             if client.reply().startswith(b"220 "):
                 return True
         time.sleep(0.05)
@@ -596,7 +551,7 @@ def test_max_connections_per_ip_for_untrusted_clients(relay: RelayFactory, sink:
     with ExitStack() as stack:
         for _ in range(5):
             stack.enter_context(session(daemon))
-        with Client(daemon) as sixth:
+        with RawClient(daemon.port) as sixth:
             reply = sixth.reply()
             assert reply == b"421 4.7.0 Too many connections from your IP address, try again later"
             sixth.expect_closed()
@@ -638,7 +593,7 @@ def test_two_thousand_idle_connections(relay: RelayFactory, sink: MxSink) -> Non
     with ExitStack() as stack:
         for source in sources:
             for _ in range(100):
-                client = stack.enter_context(Client(daemon, source))
+                client = stack.enter_context(RawClient(daemon.port, source))
                 assert client.reply().startswith(b"220 ")
         opened = time.monotonic() - started
         held = intake_rss(daemon)

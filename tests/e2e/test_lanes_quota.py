@@ -8,7 +8,6 @@ import math
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -158,8 +157,7 @@ def test_quota_refuse_is_a_452_and_nothing_is_spooled(relay: RelayFactory, sink:
 
 def scrape(daemon: Relay, wanted: str) -> list[str]:
     """The metrics lines naming wanted (the intake counts before it replies)."""
-    with urllib.request.urlopen(f"{daemon.metrics_url}/metrics", timeout=5) as response:
-        return [line for line in response.read().decode().splitlines() if wanted in line]
+    return [line for line in daemon.get("/metrics")[1].splitlines() if wanted in line]
 
 
 def subject(message: Received) -> bytes:

@@ -3,67 +3,58 @@ SIGHUP reloads, systemd's notify protocol and unit file."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import yaml
-
-from relay.spool.store import Message, Recipient, Spool
-from tests.support.daemon import Relay, RelayFactory
+from relay.spool.message import Message, Recipient
+from relay.spool.store import Spool
+from tests.support.daemon import Relay, RelayFactory, under_systemd
 from tests.support.mx import HANG, MxSink
+from tests.support.smtp import RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def banner(daemon: Relay) -> bytes:
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as sock:
-        return sock.makefile("rb").readline()
+    with RawClient(daemon.port, timeout=5) as client:
+        return client.line()
 
 
-def open_transaction(daemon: Relay) -> tuple[socket.socket, object]:
+def open_transaction(daemon: Relay) -> RawClient:
     """A client that has started a transaction (MAIL FROM) and is not done yet."""
-    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
-    stream = sock.makefile("rb")
-    stream.readline()
-    for line in (b"EHLO slow.test\r\n", b"MAIL FROM:<app@sender.test>\r\n"):
-        sock.sendall(line)
-        while (reply := stream.readline())[3:4] == b"-":
-            pass
-    assert reply.startswith(b"250 ")
-    return sock, stream
+    client = RawClient(daemon.port)
+    client.reply()
+    assert client.ask(b"EHLO slow.test\r\n", b"MAIL FROM:<app@sender.test>\r\n")[1].startswith(
+        b"250 "
+    )
+    return client
 
 
 def test_sigterm_drains_open_transactions_and_refuses_new_sessions(
     relay: RelayFactory, sink: MxSink
 ) -> None:
     daemon = relay({"lifecycle": {"grace": "20s"}})
-    sock, stream = open_transaction(daemon)
+    client = open_transaction(daemon)
     assert daemon.proc is not None
     started = time.monotonic()
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.wait_event("stopping", process="intake")
     assert banner(daemon).startswith(b"421 4.3.2 ")  # new sessions: 421, not a hang
-    with sock:
+    with client:
         for line in (b"RCPT TO:<late@a.test>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\nhi\r\n.\r\n"):
-            sock.sendall(line)
-            reply = stream.readline()  # type: ignore[attr-defined]
+            [reply] = client.ask(line)
         assert reply.startswith(b"250 2.0.0 queued as ")  # the open transaction completes
-        sock.sendall(b"MAIL FROM:<app@sender.test>\r\n")
-        assert stream.readline().startswith(b"421 4.3.2 ")  # type: ignore[attr-defined]
+        assert client.ask(b"MAIL FROM:<app@sender.test>\r\n")[0].startswith(b"421 4.3.2 ")
     assert daemon.proc.wait(15) == 0
     assert time.monotonic() - started < 15
     [stopped] = daemon.events("stopped", process="intake")
     assert stopped["sessions_cut"] == 0
-    queue_id = reply.rstrip().rsplit(b" ", 1)[1].decode()
+    queue_id = reply.rsplit(b" ", 1)[1].decode()
     assert (
         queue_id in [m.data.decode().split(" id ")[1][:20] for m in sink.received]
         or (daemon.spool / "queue" / f"{queue_id}.json").exists()
@@ -75,8 +66,7 @@ def test_grace_end_cuts_what_is_left_and_says_how_many(relay: RelayFactory, sink
     daemon = relay({"lifecycle": {"grace": "2s"}, "delivery": {"data_timeout": "60s"}})
     queue_id = daemon.send(["user@a.test"])
     daemon.wait_event("attempt", id=queue_id)
-    sock, _ = open_transaction(daemon)
-    with sock:
+    with open_transaction(daemon):
         started = time.monotonic()
         assert daemon.stop(timeout=20) == 0
     assert time.monotonic() - started < 8  # grace 2 s, not the 60 s data timeout
@@ -136,24 +126,12 @@ def test_sigterm_under_load_loses_nothing(relay: RelayFactory, sink: MxSink) -> 
     sink.wait_for(len(set(acked)), timeout=30)
 
 
-def write_config(daemon: Relay, **changes: object) -> None:
-    settings = yaml.safe_load(daemon.config.read_text())
-    for dotted, value in changes.items():
-        section, key, *rest = dotted.split("__")
-        target = settings.setdefault(section, {})
-        if rest:
-            target = target.setdefault(key, {})
-            key = rest[0]
-        target[key] = value
-    daemon.config.write_text(yaml.safe_dump(settings))
-
-
 def test_sighup_applies_a_changed_retry_schedule(relay: RelayFactory, sink: MxSink) -> None:
     sink.script_rcpt("slow@a.test", "451 4.2.0 later", "451 4.2.0 later", "250 2.1.5 ok")
     daemon = relay({"delivery": {"retry": {"schedule": ["1h"]}}})
     queue_id = daemon.send(["slow@a.test"])
     daemon.wait_event("retry_scheduled", id=queue_id)
-    write_config(daemon, delivery__retry__schedule=["1s"], smtp__listen=["127.0.0.1:1"])
+    daemon.change_config(delivery__retry__schedule=["1s"], smtp__listen=["127.0.0.1:1"])
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
     [reloaded] = daemon.wait_event("reloaded", process="supervisor")
@@ -185,24 +163,6 @@ def test_the_scheduler_yields_the_cpu_to_the_intake(relay: RelayFactory, sink: M
     assert nice("scheduler") - nice("intake") == 5
     daemon.send(["user@a.test"])
     sink.wait_for(1)
-
-
-@contextlib.contextmanager
-def under_systemd(
-    tmp_path: Path, start: Callable[[], Relay]
-) -> Iterator[tuple[socket.socket, Relay]]:
-    """Start a relay as systemd starts a Type=notify unit with WatchdogSec=1s; its messages
-    come on a socket of our own."""
-    path = str(tmp_path / "notify.sock")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
-        notify.bind(path)
-        notify.settimeout(10)
-        os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"] = path, "1000000"
-        try:
-            daemon = start()
-        finally:
-            del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
-        yield notify, daemon
 
 
 def test_systemd_notify_protocol(relay: RelayFactory, sink: MxSink, tmp_path: Path) -> None:

@@ -5,45 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import time
-import urllib.error
-import urllib.request
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.support.daemon import Relay, RelayFactory
+from tests.support.daemon import RelayFactory
 from tests.support.mx import MxSink
-
-
-def get(daemon: Relay, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"{daemon.metrics_url}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-
-
-def samples(daemon: Relay) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, text = get(daemon, "/metrics")
-    assert status == 200
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def value(daemon: Relay, name: str, **labels: str) -> float:
-    return samples(daemon)[(name, tuple(sorted(labels.items())))]
+from tests.support.smtp import RawClient
 
 
 def test_every_series_reports_zero_before_the_first_event(
     relay: RelayFactory, sink: MxSink
 ) -> None:
     daemon = relay()
-    seen = samples(daemon)
+    seen = daemon.samples()
     zero = [
         ("relay_messages_received_total", {}),
         ("relay_smtp_sessions_active", {}),
@@ -77,24 +50,24 @@ def test_metrics_move_with_the_mail(relay: RelayFactory, sink: MxSink) -> None:
     daemon = relay({"delivery": {"retry": {"schedule": ["1h"]}}})
     daemon.send(["ok@a.test", "gone@a.test", "later@a.test"])
     daemon.wait_event("retry_scheduled")
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as idle:
-        idle.recv(100)
+    with RawClient(daemon.port, timeout=5) as idle:
+        idle.reply()
         time.sleep(0.2)
-        assert value(daemon, "relay_smtp_sessions_active") == 1.0
+        assert daemon.metric("relay_smtp_sessions_active") == 1.0
     time.sleep(1.2)  # the scheduler publishes its gauges every second
-    assert value(daemon, "relay_messages_received_total") == 1.0
-    assert value(daemon, "relay_intake_seconds_count") == 1.0
-    assert value(daemon, "relay_recipients_total", result="delivered") == 1.0
-    assert value(daemon, "relay_recipients_total", result="bounced") == 1.0
-    assert value(daemon, "relay_dead_letter_messages") == 1.0
+    assert daemon.metric("relay_messages_received_total") == 1.0
+    assert daemon.metric("relay_intake_seconds_count") == 1.0
+    assert daemon.metric("relay_recipients_total", result="delivered") == 1.0
+    assert daemon.metric("relay_recipients_total", result="bounced") == 1.0
+    assert daemon.metric("relay_dead_letter_messages") == 1.0
     for outcome in ("delivered", "temporary", "permanent"):
         assert (
-            value(daemon, "relay_delivery_attempts_total", outcome=outcome, provider="other") == 1.0
+            daemon.metric("relay_delivery_attempts_total", outcome=outcome, provider="other") == 1.0
         )
-    assert value(daemon, "relay_delivery_deferrals_total", provider="other") == 1.0
-    assert value(daemon, "relay_queue_messages", state="deferred") == 1.0
-    assert value(daemon, "relay_queue_oldest_message_age_seconds") > 0.5
-    assert value(daemon, "relay_delivery_duration_seconds_count") == 1.0
+    assert daemon.metric("relay_delivery_deferrals_total", provider="other") == 1.0
+    assert daemon.metric("relay_queue_messages", state="deferred") == 1.0
+    assert daemon.metric("relay_queue_oldest_message_age_seconds") > 0.5
+    assert daemon.metric("relay_delivery_duration_seconds_count") == 1.0
 
 
 def test_rejections_are_counted_by_reason(relay: RelayFactory, sink: MxSink) -> None:
@@ -102,29 +75,29 @@ def test_rejections_are_counted_by_reason(relay: RelayFactory, sink: MxSink) -> 
     with daemon.smtp() as client:
         client.mail("x@sender.test")
         assert client.rcpt("victim@a.test")[0] == 554
-    assert value(daemon, "relay_messages_rejected_total", reason="relay_denied") == 1.0
+    assert daemon.metric("relay_messages_rejected_total", reason="relay_denied") == 1.0
 
 
 def test_health_and_readiness(relay: RelayFactory, sink: MxSink) -> None:
     daemon = relay()
-    assert get(daemon, "/healthz") == (200, "ok\n")
-    assert get(daemon, "/readyz") == (200, "ready\n")
-    assert get(daemon, "/nope")[0] == 404
+    assert daemon.get("/healthz") == (200, "ok\n")
+    assert daemon.get("/readyz") == (200, "ready\n")
+    assert daemon.get("/nope")[0] == 404
     scheduler = daemon.worker_pid("scheduler")
     os.kill(scheduler, signal.SIGSTOP)  # alive but silent: not ready
     try:
         deadline = time.monotonic() + 20
-        while get(daemon, "/readyz")[0] == 200 and time.monotonic() < deadline:
+        while daemon.get("/readyz")[0] == 200 and time.monotonic() < deadline:
             time.sleep(0.5)
-        status, body = get(daemon, "/readyz")
+        status, body = daemon.get("/readyz")
         assert status == 503 and "scheduler: no heartbeat" in body
-        assert get(daemon, "/healthz")[0] == 200
+        assert daemon.get("/healthz")[0] == 200
     finally:
         os.kill(scheduler, signal.SIGCONT)
     deadline = time.monotonic() + 10
-    while get(daemon, "/readyz")[0] != 200 and time.monotonic() < deadline:
+    while daemon.get("/readyz")[0] != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert get(daemon, "/readyz") == (200, "ready\n")
+    assert daemon.get("/readyz") == (200, "ready\n")
 
 
 def test_metrics_count_across_a_worker_restart(relay: RelayFactory, sink: MxSink) -> None:
@@ -135,4 +108,4 @@ def test_metrics_count_across_a_worker_restart(relay: RelayFactory, sink: MxSink
     daemon.wait_event("ready", process="intake", count=2, timeout=20)
     daemon.send(["two@a.test"])
     sink.wait_for(2)
-    assert value(daemon, "relay_messages_received_total") == 2.0  # the dead worker's count stays
+    assert daemon.metric("relay_messages_received_total") == 2.0  # the dead worker's count stays

@@ -3,8 +3,6 @@ real prometheus whose PromQL answers follow mail being delivered, bounced and de
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,26 +17,16 @@ RULES = Path(__file__).resolve().parents[2] / "conf" / "prometheus" / "relay-ale
 WAIT = 30.0
 
 
-def get(url: str) -> tuple[int, str]:
-    """Status and body of a GET, whatever the status."""
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read().decode()
-
-
 def test_endpoint_reports_zeros_health_and_readiness_before_any_mail(relay: RelayFactory) -> None:
     daemon = relay()
-    code, body = get(f"{daemon.metrics_url}/metrics")
+    code, body = daemon.get("/metrics")
     assert code == 200, body
     lines = body.splitlines()
     assert 'relay_messages_rejected_total{reason="relay_denied"} 0.0' in lines, body
     assert 'relay_queue_messages{state="held"} 0.0' in lines, body
-    code, body = get(f"{daemon.metrics_url}/healthz")
+    code, body = daemon.get("/healthz")
     assert (code, body.strip()) == (200, "ok")
-    code, body = get(f"{daemon.metrics_url}/readyz")
+    code, body = daemon.get("/readyz")
     assert code == 200, body
 
 

@@ -7,9 +7,7 @@ import json
 import threading
 import time
 
-from tests.e2e.test_metrics import value
-from tests.e2e.test_shaping import eventually
-from tests.support.daemon import Relay, RelayFactory
+from tests.support.daemon import Relay, RelayFactory, eventually
 from tests.support.dns import DnsServer
 from tests.support.mx import SLOW, MxNet, MxSink
 
@@ -44,7 +42,7 @@ def test_hold_and_release(relay: RelayFactory, sink: MxSink) -> None:
     time.sleep(0.5)
     assert len(daemon.events("attempt", id=queue_id)) == 1
     # The queue gauge is published at the scheduler's tick, once a second: wait for it.
-    eventually(lambda: value(daemon, "relay_queue_messages", state="held") == 1)
+    eventually(lambda: daemon.metric("relay_queue_messages", state="held") == 1)
     assert "released 1 message" in daemon.cli("queue", "release", queue_id).stdout
     sink.wait_for(1)
     daemon.wait_event("delivered", id=queue_id)

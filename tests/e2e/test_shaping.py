@@ -4,12 +4,10 @@ limits, adaptive throttling on 421, suspension, and the queue listing's reasons.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
-from tests.e2e.test_metrics import value
-from tests.support.daemon import Relay, RelayFactory
+from tests.support.daemon import Relay, RelayFactory, eventually
 from tests.support.mx import SLOW, MxSink
 
 
@@ -17,14 +15,6 @@ def flood(daemon: Relay, count: int, body: bytes, rcpt: str = "user@a.test") -> 
     """Submit count messages over 4 parallel clients; their queue ids."""
     with ThreadPoolExecutor(4) as pool:
         return list(pool.map(lambda _: daemon.send([rcpt], body), range(count)))
-
-
-def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll check (a gauge is published once a second) until it holds; fail at timeout."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def priority(lane: str, subject: str = "test") -> bytes:
@@ -83,8 +73,8 @@ def test_421_throttles_the_destination_and_clean_deliveries_restore_it(
     peak = max(levels)
     assert peak >= 1 and levels[-1] == 0, levels
     assert levels[levels.index(peak) :] == list(range(peak, -1, -1)), "recovery is step by step"
-    eventually(lambda: value(daemon, "relay_destination_throttle_level", destination="a.test") == 0)
-    assert value(daemon, "relay_destination_throttle_events_total", provider="other") >= 1
+    eventually(lambda: daemon.metric("relay_destination_throttle_level", destination="a.test") == 0)
+    assert daemon.metric("relay_destination_throttle_events_total", provider="other") >= 1
 
 
 def test_suspension_shows_in_the_listing_and_metrics(relay: RelayFactory, sink: MxSink) -> None:
@@ -100,8 +90,8 @@ def test_suspension_shows_in_the_listing_and_metrics(relay: RelayFactory, sink: 
         assert "TS03" in listed[queue_id]["reason_detail"]
         assert listed[queue_id]["expected_attempt_at"] is not None
     assert "(suspended until " in daemon.cli("queue", "list").stdout
-    eventually(lambda: value(daemon, "relay_queue_messages", state="suspended") == 2)
-    assert value(daemon, "relay_destination_suspended", destination="a.test") == 1
+    eventually(lambda: daemon.metric("relay_queue_messages", state="suspended") == 2)
+    assert daemon.metric("relay_destination_suspended", destination="a.test") == 1
     summary = daemon.cli("queue", "summary").stdout
     assert "a.test" in summary and "suspended" in summary
     sink.wait_for(2, timeout=15)
@@ -139,10 +129,10 @@ def test_listing_says_why_each_message_waits(relay: RelayFactory, sink: MxSink) 
     text = daemon.cli("queue", "list").stdout
     for reason in ("active", "throttled", "held", "scheduled", "quota"):
         assert f"({reason}" in text
-    eventually(lambda: value(daemon, "relay_queue_messages", state="throttled") == 3)
-    assert value(daemon, "relay_queue_messages", state="held") == 1
-    assert value(daemon, "relay_queue_messages", state="quota") == 1
-    assert value(daemon, "relay_queue_messages", state="scheduled") == 1
+    eventually(lambda: daemon.metric("relay_queue_messages", state="throttled") == 3)
+    assert daemon.metric("relay_queue_messages", state="held") == 1
+    assert daemon.metric("relay_queue_messages", state="quota") == 1
+    assert daemon.metric("relay_queue_messages", state="scheduled") == 1
     # One of the three is always in its 8 s attempt, but between two of them none is.
-    eventually(lambda: value(daemon, "relay_queue_messages", state="active") == 1)
+    eventually(lambda: daemon.metric("relay_queue_messages", state="active") == 1)
     daemon.cli("queue", "delete", "ALL")

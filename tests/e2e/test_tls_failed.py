@@ -21,20 +21,15 @@ import pytest
 import trustme
 from aiosmtpd.smtp import TLSSetupException
 
-from relay.intake.session import RelaySMTP, tls_failure_reason
+from relay.intake.session import RelaySMTP
+from relay.intake.tls import tls_failure_reason
 from relay.observe import metrics
-from tests.e2e.test_metrics import value
-from tests.e2e.test_trust import client_context, secured, tls_files
 from tests.support.daemon import Relay, RelayFactory, free_port
 from tests.support.mx import MxSink
+from tests.support.tls import client_context, secured, tls_files
 
 CLIENT = "127.0.0.9"  # the probes' source address: the log must name it, not the listener's
 Probe = Callable[[int], None]
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
 
 
 def connect(port: int) -> socket.socket:
@@ -142,9 +137,9 @@ def test_failed_handshakes_are_logged_and_counted_never_as_errors(
         assert line["level"] == "info" and line["detail"], (name, line)
     counted = collections.Counter((listener, reason) for _, listener, _, reason in CASES)
     for (listener, reason), expected in counted.items():
-        got = value(daemon, "relay_smtp_tls_failed_total", listener=listener, reason=reason)
+        got = daemon.metric("relay_smtp_tls_failed_total", listener=listener, reason=reason)
         assert got == expected, (listener, reason)
-    assert value(daemon, "relay_smtp_tls_failed_total", listener="relay", reason="other") == 0
+    assert daemon.metric("relay_smtp_tls_failed_total", listener="relay", reason="other") == 0
     assert smtps_certificate(ports["smtps"], ca)  # and it still serves a proper client
     assert no_sessions_within(daemon, timeout=10)
     errors = [line for line in daemon.lines if line.get("level") == "error"]
@@ -175,7 +170,7 @@ def no_sessions_within(daemon: Relay, timeout: float) -> bool:
     counted (or counted twice)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if value(daemon, "relay_smtp_sessions_active") == 0:
+        if daemon.metric("relay_smtp_sessions_active") == 0:
             return True
         time.sleep(0.05)
     return False
@@ -244,7 +239,7 @@ def test_only_faults_on_our_side_reach_the_handler(error: Exception, ours: bool)
     loop = asyncio.new_event_loop()
     try:
         handler = Handler()
-        session = RelaySMTP(handler, "submission", loop=loop)  # type: ignore[arg-type]
+        session = RelaySMTP(handler, "submission", None, loop=loop)  # type: ignore[arg-type]
         loop.run_until_complete(session.handle_exception(error))
     finally:
         loop.close()

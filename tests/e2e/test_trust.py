@@ -8,15 +8,12 @@ import base64
 import hashlib
 import signal
 import smtplib
-import socket
 import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any
 
 import dkim
 import dns.resolver
@@ -26,54 +23,10 @@ import trustme
 from tests.support.daemon import Relay, RelayFactory, free_port
 from tests.support.dns import DnsServer
 from tests.support.mx import MxSink
+from tests.support.smtp import RawClient
+from tests.support.tls import PASSWORD, add_user, client_context, secured, tls_files
 
-PASSWORD = "correct horse battery"
 UNTRUSTED = {"relay_networks": ["10.0.0.0/8"]}  # 127.0.0.1 is an outsider
-
-
-@pytest.fixture
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-def tls_files(ca: trustme.CA, root: Path, name: str = "relay.test") -> dict[str, str]:
-    root.mkdir(parents=True, exist_ok=True)
-    cert = ca.issue_cert(name, "127.0.0.1")
-    cert.private_key_pem.write_to_path(str(root / "key.pem"))
-    cert.cert_chain_pems[0].write_to_path(str(root / "cert.pem"))
-    return {"cert": str(root / "cert.pem"), "key": str(root / "key.pem")}
-
-
-def secured(relay: RelayFactory, ca: trustme.CA, tmp_path: Path, **smtp: Any) -> Relay:
-    """A relay with TLS, a users file holding alice (sender domain sender.test), and extra
-    smtp settings; started after alice is added."""
-    users_file = tmp_path / "users"
-    settings = {
-        "smtp": {
-            "tls": tls_files(ca, tmp_path / "tls"),
-            "auth": {"users_file": str(users_file)},
-            **smtp,
-        }
-    }
-    daemon = relay(settings, start=False)
-    add_user(daemon, "alice", "sender.test")
-    daemon.start()
-    return daemon
-
-
-def add_user(daemon: Relay, name: str, domains: str, password: str = PASSWORD) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "user", "add", name, "--domains", domains,
-         "--password-stdin", "--config", str(daemon.config)],
-        input=password + "\n", capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-
-
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 def starttls(daemon: Relay, ca: trustme.CA, port: int | None = None) -> smtplib.SMTP:
@@ -175,10 +128,8 @@ def test_failed_auth_bans_the_ip(
     with starttls(daemon, ca) as client:
         assert login_plain(client, "alice", "nope-nope-1")[0] == 535
         assert login_plain(client, "alice", "nope-nope-2")[0] == 535
-    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
-        assert (
-            sock.makefile("rb").readline().startswith(b"421 4.7.0 Too many failed authentications")
-        )
+    with RawClient(daemon.port) as banned:
+        assert banned.reply().startswith(b"421 4.7.0 Too many failed authentications")
     daemon.wait_event("auth_failed", count=2)
 
 
@@ -350,5 +301,4 @@ def test_required_tls_destination_without_starttls_is_deferred_not_sent_in_clear
     assert "MAIL" not in sink.commands and sink.received == []
     [entry] = daemon.cli_json("queue", "list")
     assert entry["recipients"][0]["status"] == "deferred"
-    with urllib.request.urlopen(f"{daemon.metrics_url}/metrics", timeout=5) as response:
-        assert 'relay_delivery_tls_total{result="failed"} 1.0' in response.read().decode()
+    assert daemon.metric("relay_delivery_tls_total", result="failed") == 1.0

@@ -3,6 +3,7 @@ lines collected, its CLI run as a user would run it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -13,12 +14,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.dns import DnsServer
 from tests.support.mx import MxNet, MxSink
@@ -165,6 +169,40 @@ class Relay:
         assert code == 250 and reply.startswith("2.0.0 queued as "), (code, reply)
         return reply.rsplit(" ", 1)[1]
 
+    def get(self, path: str) -> tuple[int, str]:
+        """Status and body of a GET on the metrics endpoint, whatever the status."""
+        try:
+            with urllib.request.urlopen(f"{self.metrics_url}{path}", timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """Every sample /metrics serves, by name and sorted labels."""
+        status, text = self.get("/metrics")
+        assert status == 200
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.samples()[(name, tuple(sorted(labels.items())))]
+
+    def change_config(self, **changes: object) -> None:
+        """Rewrite the config file: section__key[__subkey]=value (reload it with SIGHUP)."""
+        settings = yaml.safe_load(self.config.read_text())
+        for dotted, value in changes.items():
+            section, key, *rest = dotted.split("__")
+            target = settings.setdefault(section, {})
+            if rest:
+                target = target.setdefault(key, {})
+                key = rest[0]
+            target[key] = value
+        self.config.write_text(yaml.safe_dump(settings))
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "relay", *args, "--config", str(self.config)],
@@ -179,6 +217,32 @@ class Relay:
 
 
 RelayFactory = Callable[..., Relay]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll check (a gauge is published once a second) until it holds; fail at timeout."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def under_systemd(
+    tmp_path: Path, start: Callable[[], Relay]
+) -> Iterator[tuple[socket.socket, Relay]]:
+    """Start a relay as systemd starts a Type=notify unit with WatchdogSec=1s; its messages
+    come on a socket of our own."""
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(10)
+        os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"] = path, "1000000"
+        try:
+            daemon = start()
+        finally:
+            del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+        yield notify, daemon
 
 
 @pytest.fixture

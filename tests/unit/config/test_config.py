@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.model import Config, ConfigError, duration, load, parse
+from relay.config import Config, ConfigError, load, parse
+from relay.config.values import duration
 
 ROOT = Path(__file__).resolve().parents[3]
 

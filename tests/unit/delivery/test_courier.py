@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from relay.config.model import DeliveryConfig, DnsConfig, MtaStsConfig, OutboundTlsConfig
-from relay.config.shaping import Smarthost
-from relay.delivery.courier import CHUNK_SIZE, Courier, RecipientResult, dot_stuff
+from relay.config.delivery import DeliveryConfig, DnsConfig, MtaStsConfig, OutboundTlsConfig
+from relay.config.routes import Smarthost
+from relay.delivery.courier import Courier, RecipientResult
 from relay.delivery.resolver import Host, Route
+from relay.delivery.transaction import CHUNK_SIZE, dot_stuff
 from relay.mail.reply import Verdict, classify
 from relay.observe import metrics
 from tests.support.dns import DnsServer

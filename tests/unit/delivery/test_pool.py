@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 from prometheus_client import REGISTRY
 
-from relay.config.model import ReuseConfig
+from relay.config.delivery import ReuseConfig
 from relay.delivery.courier import Courier, RecipientResult
 from relay.delivery.resolver import Host, Route
 from tests.support.mx import DROP, MxNet

@@ -13,8 +13,9 @@ import dns.name
 import pytest
 from structlog.testing import capture_logs
 
-from relay.config.model import Config, DeliveryConfig, DnsConfig
-from relay.config.shaping import RouteRule, Smarthost
+from relay.config.delivery import DeliveryConfig, DnsConfig
+from relay.config.model import Config
+from relay.config.routes import RouteRule, Smarthost
 from relay.delivery.resolver import (
     PARTIAL_ANSWER_TTL,
     PERMANENT_ERROR_TTL,
@@ -23,8 +24,8 @@ from relay.delivery.resolver import (
     ResolveError,
     Resolver,
     Route,
-    Router,
 )
+from relay.delivery.router import Router
 from relay.mail.reply import Reply, Verdict, classify
 from tests.support.dns import NEGATIVE_TTL, DnsServer
 

@@ -10,18 +10,16 @@ from typing import Any
 
 import pytest
 
-from relay.config.model import DeliveryConfig, DnsConfig, MtaStsConfig, OutboundTlsConfig
-from relay.delivery.tlspolicy import (
+from relay.config.delivery import DeliveryConfig, DnsConfig, MtaStsConfig, OutboundTlsConfig
+from relay.delivery.mtasts import (
     MAX_POLICY_SIZE,
-    Policy,
     PolicyError,
     StsPolicy,
-    TlsPolicy,
-    configured_mode,
     mx_matches,
     parse_policy,
     record_id,
 )
+from relay.delivery.tlspolicy import Policy, TlsPolicy, configured_mode
 from tests.support.dns import DnsServer
 from tests.support.sts import Authority, PolicyServer, policy, policy_host, publish
 

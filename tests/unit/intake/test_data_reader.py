@@ -21,7 +21,7 @@ from relay.intake.data import (
     pieces,
     read_data,
 )
-from relay.spool.store import Spill
+from relay.spool.spill import Spill
 
 LONG = b"x" * 998  # with its CRLF, exactly the 1000 octets RFC 5321 allows
 

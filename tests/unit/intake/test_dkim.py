@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config.model import DEFAULT_DKIM_HEADERS, DkimConfig, DkimKey
+from relay.config.dkim import DEFAULT_DKIM_HEADERS, DkimConfig, DkimKey
 from relay.intake.dkim import DkimError, Signer, body_hash, keygen
 from tests.support.dns import DnsServer
 

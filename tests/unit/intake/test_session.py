@@ -11,7 +11,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.intake.session import plain_path
+from relay.intake.syntax import plain_path
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from relay.config.model import RetryConfig
+from relay.config.delivery import RetryConfig
 from relay.mail.reply import Classification, Reply, Verdict, classify
 from relay.schedule.backoff import next_delay
 

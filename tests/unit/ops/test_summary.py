@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relay.ops.summary import BUCKETS_MINUTES, Row, Summary, render, summarize
-from relay.spool.store import Message, Recipient
+from relay.spool.message import Message, Recipient
 
 NOW = 1_700_000_000.0
 MIN = 60.0

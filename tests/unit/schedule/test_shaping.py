@@ -10,7 +10,8 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from relay.config.shaping import Limits, ThrottleConfig
+from relay.config.destinations import Limits
+from relay.config.throttle import ThrottleConfig
 from relay.mail.reply import Reply
 from relay.schedule.shaping import (
     CLEAN,
@@ -20,7 +21,7 @@ from relay.schedule.shaping import (
     Ready,
     Signal,
     combine,
-    signal,
+    signal_of,
 )
 
 CFG = ThrottleConfig()
@@ -48,12 +49,12 @@ def reply(text: str) -> Reply:
     ],
 )
 def test_signal(replies: list[str], kind: str, suspend_for: float) -> None:
-    found = signal([reply(r) for r in replies], CFG)
+    found = signal_of([reply(r) for r in replies], CFG)
     assert (found.kind, found.suspend_for) == (kind, suspend_for)
 
 
 def test_a_suspend_pattern_suspends_and_names_the_reply() -> None:
-    found = signal([reply("421 4.7.0 [TS03] deferred")], SUSPENDING)
+    found = signal_of([reply("421 4.7.0 [TS03] deferred")], SUSPENDING)
     assert (found.kind, found.suspend_for) == (THROTTLE, 600.0)
     assert found.reply is not None and "TS03" in found.reply.text
 

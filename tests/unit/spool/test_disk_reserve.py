@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from relay.config.model import Config, ConfigError, SpoolConfig, load, parse
-from relay.spool.store import Space, Spool
+from relay.config import Config, ConfigError, load, parse
+from relay.spool import reserve
+from relay.spool.reserve import Space
+from relay.spool.store import Spool
 
 ROOT = Path(__file__).resolve().parents[3]
 MiB, GiB, TiB = 1 << 20, 1 << 30, 1 << 40
@@ -39,7 +41,7 @@ def space(free: int, total: int, free_inodes: int = 10**6, inodes: int = 10**7) 
 
 
 @pytest.mark.parametrize(
-    ("min_free", "fs", "reserve"),
+    ("min_free", "fs", "kept"),
     [
         # auto: the smaller of 512 MiB and 5% of the file system
         (None, space(100 * GiB, TiB), (512 * MiB, 1000)),
@@ -55,8 +57,8 @@ def space(free: int, total: int, free_inodes: int = 10**6, inodes: int = 10**7) 
         (0, space(0, TiB, 0, 10**7), (0, 0)),
     ],
 )
-def test_reserve(min_free: int | None, fs: Space, reserve: tuple[int, int]) -> None:
-    assert SpoolConfig(min_free=min_free).reserve(fs) == reserve
+def test_reserve(min_free: int | None, fs: Space, kept: tuple[int, int]) -> None:
+    assert reserve.reserve(fs, min_free) == kept
 
 
 @pytest.mark.parametrize(
@@ -89,7 +91,7 @@ def test_reserve(min_free: int | None, fs: Space, reserve: tuple[int, int]) -> N
     ],
 )
 def test_shortage(min_free: int | None, fs: Space, size: int, shortage: str | None) -> None:
-    assert SpoolConfig(min_free=min_free).shortage(fs, size) == shortage
+    assert reserve.shortage(fs, min_free, size) == shortage
 
 
 def test_space_is_statvfs_for_an_unprivileged_process_and_cached(tmp_path: Path) -> None:

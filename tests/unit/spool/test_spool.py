@@ -11,17 +11,9 @@ from pathlib import Path
 import pytest
 
 from relay.mail.reply import Reply
-from relay.spool.store import (
-    DEAD,
-    QUEUE,
-    CorruptEntry,
-    Message,
-    Recipient,
-    Spool,
-    SpoolError,
-    is_id,
-    new_id,
-)
+from relay.spool.layout import DEAD, QUEUE
+from relay.spool.message import Message, Recipient, is_id, new_id
+from relay.spool.store import CorruptEntry, Spool, SpoolError
 
 BODY = (b"Received: from x\r\n", b"Subject: t\r\n\r\nbody\r\n")
 
@@ -190,3 +182,19 @@ def test_a_spilled_message_is_copied_whole_or_not_at_all(spool: Spool) -> None:
         spool.write_content("b" * 20, [spill])
     assert not spool.content_path("b" * 20).exists()
     spill.close()
+
+
+def test_what_the_supervisor_asks_counts_and_probes_without_a_trace(spool: Spool) -> None:
+    """The dead letters behind relay_dead_letter_messages, and /readyz's probe: a file created
+    and removed in tmp/, an OSError when the spool cannot take one."""
+    msg = accepted(spool, "a@d.test", "b@d.test")
+    msg.recipients[0].status = "failed"
+    spool.save(msg)
+    spool.dead_letter(msg)
+    assert (spool.count(QUEUE), spool.count(DEAD)) == (1, 1)
+    spool.check_writable()
+    assert os.listdir(spool.root / "tmp") == []
+    (spool.root / "tmp").rmdir()
+    (spool.root / "tmp").write_bytes(b"")
+    with pytest.raises(OSError):
+        spool.check_writable()

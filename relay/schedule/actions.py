@@ -1,9 +1,9 @@
-"""Control stage: what each operator action (flush, delete, hold, release) does to one queued
+"""Schedule, the operator's actions: what flush, delete, hold and release do to one queued
 message, shared by the running scheduler and the offline CLI so both behave the same."""
 
 from __future__ import annotations
 
-from relay.spool.store import Message
+from relay.spool.message import Message
 
 OPS = ("flush", "delete", "hold", "release")
 PAST = {

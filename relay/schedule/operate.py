@@ -1,0 +1,126 @@
+"""Schedule, operator actions on the live queue: flush, delete, hold, release and requeue, each
+applied to a message in flight only when its attempt ends, so it is delivered or deleted, never
+both."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+
+from relay.mail.target import expand
+from relay.observe import logs
+from relay.schedule.actions import PAST, apply, selects
+from relay.schedule.dispatch import Dispatch
+from relay.schedule.index import Index, pending_domains
+from relay.spool.message import Message
+from relay.spool.store import Spool, SpoolError
+
+# An operator action on a message in flight waits this long for its attempt to end.
+SETTLE_TIMEOUT = 15.0
+Result = dict[str, list[str]]
+
+
+class Operations:
+    """The control server's actions on the queue the scheduler owns."""
+
+    def __init__(self, spool: Spool, dispatch: Dispatch) -> None:
+        self.spool = spool
+        self.dispatch = dispatch
+        self.index: Index = dispatch.index
+        self.waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+
+    async def operate(self, op: str, target: str, domain: str | None) -> Result:
+        """flush, delete, hold or release target ("ALL" or an id), optionally only where a
+        recipient domain still has pending recipients. A message in flight is acted on when
+        its attempt ends, so it is delivered or deleted, never both."""
+        result: Result = {"done": [], "busy": [], "missing": [], "gone": []}
+        for msg_id in expand(target, lambda: sorted(self.index.entries)):
+            outcome = await self._operate_one(op, msg_id, domain)
+            if outcome in result:
+                result[outcome].append(msg_id)
+        return result
+
+    async def _operate_one(self, op: str, msg_id: str, domain: str | None) -> str:
+        known = msg_id in self.index
+        if not await self._settled(msg_id):
+            return "busy"
+        async with self._claim(msg_id):
+            try:
+                msg = await asyncio.to_thread(self.spool.load, msg_id)
+            except SpoolError:  # finished (delivered or dead-lettered) meanwhile, or unknown
+                self.dispatch.drop(msg_id)
+                return "gone" if known else "missing"
+            if not selects(msg, domain):
+                self._update(msg)
+                return "skipped"
+            if apply(op, msg, domain, time.time()):
+                await asyncio.to_thread(self.spool.remove, msg_id)
+                self.dispatch.drop(msg_id)
+            else:
+                await asyncio.to_thread(self.spool.save, msg)
+                self._update(msg)
+        logs.event(PAST[op], id=msg_id, domain=domain)
+        return "done"
+
+    async def requeue(self, msg_id: str) -> str:
+        """Bring a dead-letter record back into the queue, due now: 'done', 'busy', 'missing'."""
+        if not await self._settled(msg_id):
+            return "busy"
+        async with self._claim(msg_id):
+            try:
+                msg = await asyncio.to_thread(self.spool.requeue, msg_id, time.time())
+            except SpoolError:
+                return "missing"
+            self.dispatch.drop(msg_id)
+            self.index.add(msg)
+        logs.event("requeued", id=msg_id)
+        return "done"
+
+    def ended(self, msg_id: str) -> None:
+        """msg_id's attempt ended: the actions waiting for it go on."""
+        for waiter in self.waiters.pop(msg_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    @contextlib.asynccontextmanager
+    async def _claim(self, msg_id: str) -> AsyncIterator[None]:
+        """Keep the dispatcher off msg_id while an operator action changes it on disk, so no
+        attempt starts from (or overwrites) a state the action is rewriting."""
+        entry = self.index.get(msg_id)
+        if entry is not None:
+            self.dispatch.unready(entry)
+            self.index.change(entry, running=True)
+        try:
+            yield
+        finally:
+            if entry is not None and self.index.get(msg_id) is entry:
+                self.index.change(entry, running=False)
+                self.index.wake.set()
+
+    def _update(self, msg: Message) -> None:
+        """Index msg again after an operator changed it on disk."""
+        entry = self.index.get(msg.id)
+        if entry is None:
+            self.index.add(msg)
+            return
+        self.index.change(entry, held=msg.held, quota=msg.over_quota(time.time()))
+        entry.domains = pending_domains(msg)
+        if not msg.held:
+            self.index.schedule(entry, msg.next_attempt)
+
+    async def _settled(self, msg_id: str) -> bool:
+        """Wait for msg_id's attempt in flight, if any, to end; False if it is still running
+        after SETTLE_TIMEOUT."""
+        entry = self.index.get(msg_id)
+        if entry is None or not entry.running:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters[msg_id].append(waiter)
+        try:
+            await asyncio.wait_for(waiter, SETTLE_TIMEOUT)
+        except TimeoutError:
+            return False
+        return True

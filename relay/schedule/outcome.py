@@ -1,0 +1,120 @@
+"""Schedule, applying an outcome: each recipient's result recorded, counted and logged, then the
+message finished, scheduled for its next attempt by the backoff, or expired into the dead
+letters."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from relay.config.model import Config
+from relay.delivery.courier import RecipientResult
+from relay.mail.reply import Verdict, classify
+from relay.observe import logs, metrics
+from relay.schedule.backoff import next_delay
+from relay.schedule.dispatch import Dispatch
+from relay.schedule.index import Entry, Index, pending_domains
+from relay.spool.groupcommit import GroupCommit
+from relay.spool.message import Message, Recipient
+from relay.spool.store import Spool
+
+STATUS_OF = {
+    Verdict.DELIVERED: "delivered",
+    Verdict.TEMPORARY: "deferred",
+    Verdict.PERMANENT: "failed",
+}
+OUTCOME_OF = {"delivered": "delivered", "deferred": "temporary", "failed": "permanent"}
+RESULT_OF = {"delivered": "delivered", "failed": "bounced", "expired": "expired"}
+
+
+class Outcomes:
+    """What each result means for its recipient, and each attempt's end for its message."""
+
+    def __init__(
+        self, cfg: Config, spool: Spool, index: Index, dispatch: Dispatch, rng: random.Random
+    ) -> None:
+        self.cfg = cfg
+        self.spool = spool
+        self.index = index
+        self.dispatch = dispatch
+        self.rng = rng
+        self.removals: GroupCommit[str] = GroupCommit(spool.remove_batch)
+
+    def record(
+        self, msg: Message, rcpt: Recipient, result: RecipientResult, started: float, provider: str
+    ) -> None:
+        """rcpt's result for the attempt started at `started`: its status and history, the
+        counters, and a log line."""
+        verdict = classify(result.reply).verdict
+        rcpt.record(started, STATUS_OF[verdict], result.reply, result.mx, result.ip, result.tls)
+        metrics.ATTEMPTS.labels(OUTCOME_OF[rcpt.status], provider).inc()
+        if rcpt.status == "deferred":
+            metrics.DEFERRALS.labels(provider).inc()
+        elif rcpt.status == "delivered":
+            metrics.RECIPIENTS.labels("delivered").inc()
+        # One line per recipient and attempt: enough to answer "where is my message" by grep.
+        logs.event(
+            rcpt.status, id=msg.id, rcpt=rcpt.address, mx=result.mx, ip=result.ip,
+            tls=result.tls, tls_verified=result.tls_verified, tls_report=result.tls_report,
+            reply=result.reply, outcome=verdict.value, attempt=rcpt.attempts,
+            delay=round(time.time() - msg.queued_at, 3),
+        )  # fmt: skip
+
+    async def conclude(self, entry: Entry, msg: Message) -> None:
+        """After every domain of this attempt: finish, expire, or schedule the next attempt."""
+        pending = msg.pending()
+        if not pending:
+            await self._forget(entry, msg)
+            return
+        now = time.time()
+        msg.attempts += 1
+        delay = next_delay(msg.attempts, now - msg.born, self.cfg.delivery.retry, self.rng)
+        if delay is None:
+            await self._expire(entry, msg, pending)
+            return
+        msg.next_attempt = now + delay
+        await asyncio.to_thread(self.spool.save, msg)
+        logs.event(
+            "retry_scheduled", id=msg.id, attempts=msg.attempts,
+            next_attempt=round(msg.next_attempt, 3), rcpts=[r.address for r in pending],
+        )  # fmt: skip
+        self.index.change(entry, attempts=msg.attempts, last_attempt=now)
+        entry.domains = pending_domains(msg)
+        self.index.schedule(entry, msg.next_attempt)
+
+    async def _expire(self, entry: Entry, msg: Message, pending: list[Recipient]) -> None:
+        for rcpt in pending:
+            rcpt.status = "expired"
+            logs.event("expired", id=msg.id, rcpt=rcpt.address, reply=rcpt.reply, mx=rcpt.mx)
+        await asyncio.to_thread(self.spool.save, msg)
+        await self.dead_letter(msg, pending, "expired")
+        await self._forget(entry)
+
+    async def dead_letter(self, msg: Message, rcpts: list[Recipient], reason: str) -> None:
+        """Merge msg's failed recipients into its dead-letter record, counted and logged."""
+        await asyncio.to_thread(self.spool.dead_letter, msg)
+        metrics.RECIPIENTS.labels(RESULT_OF[rcpts[0].status]).inc(len(rcpts))
+        logs.event("dead_lettered", id=msg.id, rcpts=[r.address for r in rcpts], reason=reason)
+
+    async def _forget(self, entry: Entry, msg: Message | None = None) -> None:
+        """Drop a finished message from the queue and the index; removals finishing together
+        share one directory fsync. If the removal fails, msg's outcome is saved instead, so
+        that what was delivered is never attempted again."""
+        try:
+            await self.removals.submit(entry.id)
+        except OSError:
+            if msg is not None:
+                await asyncio.to_thread(self.spool.save, msg)
+            raise
+        self.dispatch.drop(entry.id)
+
+    def reschedule(self) -> None:
+        """Deferred messages wait by the (reloaded) retry schedule, counted from their last
+        attempt."""
+        for entry in self.index.entries.values():
+            if entry.running or entry.held or entry.ready or not entry.attempts:
+                continue
+            age = entry.last_attempt - entry.born
+            delay = next_delay(entry.attempts, age, self.cfg.delivery.retry, self.rng)
+            self.index.schedule(entry, entry.last_attempt + (delay or 0.0))
