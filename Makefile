@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/relay.yaml
 
-.PHONY: run test lint check-config system-venv bench bench-postfix-tuning bench-scale bench-memory bench-tools clean
+.PHONY: run test lint check-config system-venv bench bench-postfix-tuning bench-versions bench-scale bench-memory bench-tools clean
 
 $(BIN)/python:
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory system-venv
@@ -49,6 +49,12 @@ bench: $(VENV)/.installed bench-tools
 # (bench/results/postfix-tuning.json; about 20 minutes). TUNING_ARGS="--runs 1" for a quick look.
 bench-postfix-tuning: $(VENV)/.installed bench-tools
 	$(BIN)/python bench/postfix_tuning.py $(TUNING_ARGS)
+
+# The relay against an earlier revision of itself (BASE, default main), alternating pairs at
+# 1 and 20 sessions, 1 KiB and 100 KiB (bench/results/versions-<base>.json; about 10 minutes).
+BASE ?= main
+bench-versions: $(VENV)/.installed bench-tools
+	$(BIN)/python bench/versions.py --base $(BASE) $(VERSIONS_ARGS)
 
 # 1,000,000 deferred messages in a spool, then the relay started on it: first delivery, the
 # scheduler's RSS, `relay queue summary` (bench/results/scale.json; about 20 minutes, most of

@@ -216,9 +216,9 @@ def unchrooted(master: str) -> str:
 class RelayUnderTest:
     """The relay daemon with a catch-all route to the sink (as Postfix's relayhost)."""
 
-    def __init__(self, root: Path, sink_port: int) -> None:
+    def __init__(self, root: Path, sink_port: int, source: Path | None = None) -> None:
         route = {"host": SINK_IP, "port": sink_port, "tls": "none"}
-        self.relay = Relay(root, {"routes": [{"domains": ["*"], "via": [route]}]})
+        self.relay = Relay(root, {"routes": [{"domains": ["*"], "via": [route]}]}, source)
         self.relay.start()
         self.port = self.relay.port
 
@@ -232,16 +232,19 @@ class RelayUnderTest:
 
 
 def build(name: str, root: Path, sink_port: int) -> System:
-    """The system called `name` ("relay" or a Postfix name, see postfix_settings)."""
+    """The system called `name`: "relay", "relay@DIR" (the relay package in DIR, an earlier
+    revision: bench/versions.py) or a Postfix name (see postfix_settings)."""
     if name == "relay":
         return RelayUnderTest(root, sink_port)
+    if name.startswith("relay@"):
+        return RelayUnderTest(root, sink_port, Path(name.removeprefix("relay@")))
     return Postfix(root, sink_port, postfix_settings(name))
 
 
 @contextmanager
 def instance(name: str) -> Iterator[tuple[System, Sink]]:
     """A fresh sink and a fresh system under test relaying to it, both stopped afterwards."""
-    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name.partition('@')[0]}-") as tmp:
         os.chmod(tmp, 0o755)  # Postfix's unprivileged processes must reach their queue
         sink = Sink()
         system: System | None = None

@@ -1,3 +1,3 @@
-"""relay: a self-hosted SMTP relay daemon (intake → spool → scheduler → courier)."""
+"""relay: a self-hosted SMTP relay daemon (intake → spool → schedule → delivery)."""
 
 __version__ = "0.1.0"

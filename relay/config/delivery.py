@@ -1,4 +1,4 @@
-"""Configuration stage, the delivery section: outbound SMTP (port, name, concurrency, timeouts),
+"""Configuration, the delivery section: outbound SMTP (port, name, concurrency, timeouts),
 DNS, the retry schedule, outbound TLS and MTA-STS, and connection reuse."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration stage, the destinations section: limits per destination (a recipient domain,
+"""Configuration, the destinations section: limits per destination (a recipient domain,
 or a provider and all domains whose MX matches it), connections and messages a second."""
 
 from __future__ import annotations

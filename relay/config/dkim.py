@@ -1,4 +1,4 @@
-"""Configuration stage, the dkim section: one signing key per sender domain and the header
+"""Configuration, the dkim section: one signing key per sender domain and the header
 fields signed."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration stage, the lanes section: priority lanes of mail by SMTP user, listener and
+"""Configuration, the lanes section: priority lanes of mail by SMTP user, listener and
 header, and the share of dispatches low-priority mail is sure to get."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration stage, the lifecycle section: how long a stop waits for work in flight."""
+"""Configuration, the lifecycle section: how long a stop waits for work in flight."""
 
 from __future__ import annotations
 

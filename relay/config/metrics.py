@@ -1,4 +1,4 @@
-"""Configuration stage, the metrics section: where the supervisor's HTTP endpoint listens."""
+"""Configuration, the metrics section: where the supervisor's HTTP endpoint listens."""
 
 from __future__ import annotations
 

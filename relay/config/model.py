@@ -1,4 +1,4 @@
-"""Configuration stage: the whole configuration, one section per top-level YAML key, loaded and
+"""Configuration, the model: the whole configuration, one section per top-level YAML key, loaded and
 validated once into typed, frozen objects, with one-line errors that name the key and the
 problem."""
 

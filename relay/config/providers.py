@@ -1,4 +1,4 @@
-"""Configuration stage, the providers section: MX host patterns that name a destination's
+"""Configuration, the providers section: MX host patterns that name a destination's
 provider (for metrics labels and destination limits)."""
 
 from __future__ import annotations

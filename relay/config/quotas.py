@@ -1,4 +1,4 @@
-"""Configuration stage, the quotas section: sending quotas per SMTP user and per sender domain,
+"""Configuration, the quotas section: sending quotas per SMTP user and per sender domain,
 each a message count per window, and what happens to mail over one."""
 
 from __future__ import annotations

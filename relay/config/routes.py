@@ -1,4 +1,4 @@
-"""Configuration stage, the routes section: transport rules by recipient domain, to the
+"""Configuration, the routes section: transport rules by recipient domain, to the
 domain's MX hosts (the default) or through smarthosts, each with its TLS and AUTH."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration stage, the schema: each setting is a dataclass field carrying its YAML parser and
+"""Configuration, the schema: each setting is a dataclass field carrying its YAML parser and
 default, and a section is built from its mapping with errors that name the key."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration stage, the smtp section: the intake's listeners, its name and message limits,
+"""Configuration, the smtp section: the intake's listeners, its name and message limits,
 inbound TLS, AUTH and the limits per client."""
 
 from __future__ import annotations

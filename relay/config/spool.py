@@ -1,4 +1,4 @@
-"""Configuration stage, the spool section: where the spool lives and how much of its file system
+"""Configuration, the spool section: where the spool lives and how much of its file system
 is kept free (the reserve itself is the spool's policy, relay.spool.reserve)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Configuration stage, the throttle section: which replies count as throttling, how far the
+"""Configuration, the throttle section: which replies count as throttling, how far the
 adaptive throttle slows a destination and how it recovers, and replies that suspend one."""
 
 from __future__ import annotations

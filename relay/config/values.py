@@ -1,4 +1,4 @@
-"""Configuration stage, value parsers: each turns one raw YAML value into its typed form or
+"""Configuration, value parsers: each turns one raw YAML value into its typed form or
 raises ValueError with a message that names the problem."""
 
 from __future__ import annotations

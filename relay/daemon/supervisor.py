@@ -1,57 +1,40 @@
-"""Daemon stage: the composition root, a supervisor that recovers the spool, keeps the intake
-and scheduler processes running, serves the HTTP endpoint and talks to systemd, and the entry
-point of each of those processes."""
+"""Daemon, the supervisor: the composition root, which recovers the spool, keeps the intake and
+scheduler processes running, restarts one that dies, serves the HTTP endpoint and reports
+readiness to systemd."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import errno
-import gc
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from relay import config
-from relay.delivery.agent import SmtpAgent
-from relay.intake import dkim, listeners, tls, users
-from relay.intake.handler import IntakeHandler
-from relay.intake.notifier import Notifier
+from relay.daemon.systemd import feed_watchdog, notify_reloading, notify_systemd
+from relay.daemon.workers import ROLES, STATUS_FD, SUPERVISOR_PID, worker
+from relay.intake import dkim, tls, users
 from relay.observe import logs, metrics
 from relay.observe.endpoint import Endpoint
-from relay.ops import control
-from relay.schedule.scheduler import Scheduler
 from relay.spool import reserve
 from relay.spool.layout import DEAD
+from relay.spool.run import DAEMON_LOCK, spool_lock
 from relay.spool.store import Spool
 
-ROLES = ("intake", "scheduler")
-STATUS_FD = "RELAY_STATUS_FD"
-SUPERVISOR_PID = "RELAY_SUPERVISOR_PID"
-PR_SET_PDEATHSIG = 1
+# What `relay serve`, `relay worker` and `relay check-config` call (ROLES and worker live in
+# relay.daemon.workers).
+__all__ = ["ROLES", "StartupError", "preflight", "serve", "worker"]
+
 START_TIMEOUT = 30.0
-BIND_RETRY = 5.0
-HEARTBEAT = 1.0  # workers report "alive" this often
 STALE = 10.0  # a worker silent this long is not ready (and systemd's watchdog is not fed)
 RESTART_BACKOFF = (1.0, 2.0, 5.0, 10.0, 30.0)
-# Accepting is what a client waits on; delivery can wait a moment: when both want the CPU the
-# intake gets it first (the scheduler runs at this nice value, the intake at the daemon's).
-SCHEDULER_NICE = 5
-GC_YOUNG = 20_000  # container allocations between collections of the youngest generation
 
 
 class StartupError(Exception):
     """The daemon cannot start; str() is the one line for the operator."""
-
-
-# --- supervisor -------------------------------------------------------------------------------
 
 
 def serve(config_file: str | None, cfg: config.Config) -> int:
@@ -64,7 +47,7 @@ def serve(config_file: str | None, cfg: config.Config) -> int:
         raise StartupError(f"cannot create spool {cfg.spool.path}: {exc.strerror}") from None
     for warning in preflight(config_file, cfg):
         logs.event("insecure_permissions", level="warning", problem=warning)
-    with control.spool_lock(spool, control.DAEMON_LOCK, wait=10.0) as held:
+    with spool_lock(spool, DAEMON_LOCK, wait=10.0) as held:
         if not held:
             raise StartupError(f"another relay is running on spool {cfg.spool.path}")
         logs.event("recovered", spool=str(spool.root), **spool.recover())
@@ -145,7 +128,7 @@ class Supervisor:
             metrics=f"{self.cfg.metrics.listen[0]}:{self.cfg.metrics.listen[1]}",
         )
         notify_systemd("READY=1", f"STATUS=relaying, pid {os.getpid()}")
-        watchdog = asyncio.ensure_future(self._feed_watchdog())
+        watchdog = asyncio.ensure_future(feed_watchdog(self.problems))
         await self._supervise()
         watchdog.cancel()
         server.close()
@@ -186,16 +169,6 @@ class Supervisor:
             if shortage := reserve.shortage(self.spool.space(), self.cfg.spool.min_free):
                 out.append(shortage)
         return out
-
-    async def _feed_watchdog(self) -> None:
-        """systemd's WatchdogSec: ping only while every worker is alive."""
-        usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
-        if not usec:
-            return
-        while True:
-            await asyncio.sleep(usec / 2e6)
-            if not await asyncio.to_thread(self.problems):
-                notify_systemd("WATCHDOG=1")
 
     # --- worker processes --------------------------------------------------------------------
 
@@ -257,9 +230,7 @@ class Supervisor:
     def _reload(self) -> None:
         """SIGHUP: validate the file, then let each worker apply it; restart-only keys are
         named (they keep their running values)."""
-        notify_systemd(
-            "RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}"
-        )
+        notify_reloading()
         try:
             new = config.load(self.config_file)
         except config.ConfigError as exc:
@@ -300,202 +271,3 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
         await exits
-
-
-def notify_systemd(*states: str) -> None:
-    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if systemd set it."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # an abstract socket
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, contextlib.suppress(OSError):
-        sock.sendto("\n".join(states).encode(), address)
-
-
-# --- workers ----------------------------------------------------------------------------------
-
-
-def worker(role: str, config_file: str | None, cfg: config.Config) -> int:
-    """`relay worker ROLE`: one process of the daemon, started by the supervisor."""
-    logs.configure(role)
-    _die_with_parent()
-    _tune_gc()
-    if role == "scheduler":
-        os.nice(SCHEDULER_NICE)
-    runner: Callable[[Worker], Coroutine[Any, Any, int]] = {
-        "intake": run_intake,
-        "scheduler": run_scheduler,
-    }[role]
-    return asyncio.run(runner(Worker(role, config_file, cfg)))
-
-
-class Worker:
-    """What both workers share: their config, signals, and the status pipe to the supervisor."""
-
-    def __init__(self, role: str, config_file: str | None, cfg: config.Config) -> None:
-        self.role = role
-        self.config_file = config_file
-        self.cfg = cfg
-        self.spool = Spool(cfg.spool.path)
-        self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-
-    def listen_for_signals(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.add_signal_handler(sig, self.signals.put_nowait, sig)
-
-    def status(self, word: str) -> None:
-        fd = os.environ.get(STATUS_FD)
-        if fd:
-            with contextlib.suppress(OSError):
-                os.write(int(fd), f"{self.role} {word}\n".encode())
-
-    def ready(self, **fields: Any) -> None:
-        logs.event("ready", **fields)
-        self.status("ready")
-
-    def reload(self) -> config.Config | None:
-        """Read the config file again; None (and a log line) if it is not valid."""
-        try:
-            self.cfg = config.load(self.config_file)
-        except config.ConfigError as exc:
-            logs.event("reload_failed", level="error", error=str(exc))
-            return None
-        logs.event("reloaded")
-        return self.cfg
-
-    async def until_stop(
-        self,
-        on_reload: Callable[[config.Config], Coroutine[Any, Any, None]],
-        also: asyncio.Future[Any] | None = None,
-    ) -> None:
-        """Serve reloads until SIGTERM/SIGINT (or `also` finishes)."""
-        while True:
-            sig = asyncio.ensure_future(self.signals.get())
-            await asyncio.wait(
-                [sig, *([also] if also else [])], return_when=asyncio.FIRST_COMPLETED
-            )
-            if not sig.done():
-                sig.cancel()
-                return
-            if sig.result() != signal.SIGHUP:
-                return
-            new = self.reload()
-            if new is not None:
-                await on_reload(new)
-
-    async def stop_within_grace(
-        self, stop: Coroutine[Any, Any, int], cut_now: Callable[[], Coroutine[Any, Any, int]]
-    ) -> int:
-        """Run `stop` (drain, then cut at grace); a second SIGTERM cuts at once. Returns the
-        number of sessions or deliveries cut."""
-        logs.event("stopping", grace=self.cfg.lifecycle.grace)
-        stopping = asyncio.ensure_future(stop)
-        cut = 0
-        while not stopping.done():
-            sig = asyncio.ensure_future(self.signals.get())
-            await asyncio.wait([stopping, sig], return_when=asyncio.FIRST_COMPLETED)
-            if sig.done() and sig.result() != signal.SIGHUP:
-                cut += await cut_now()
-            sig.cancel()
-        return cut + stopping.result()
-
-    async def heartbeat(self) -> None:
-        while True:
-            self.status("alive")
-            await asyncio.sleep(HEARTBEAT)
-
-
-async def run_intake(w: Worker) -> int:
-    w.listen_for_signals()
-    try:
-        handler = IntakeHandler(
-            w.cfg, w.spool, Notifier(w.spool.socket_address(control.WAKE_SOCKET))
-        )
-    except config.ConfigError as exc:
-        logs.event("error", level="error", stage="intake", error=str(exc))
-        return 1
-    servers = await _bind(handler)
-    if servers is None:
-        return 1
-    metrics.prime(w.cfg.provider_names())
-    w.ready(listen=[f"{h}:{p}" for h, p in w.cfg.smtp.listen])
-    beat = asyncio.ensure_future(w.heartbeat())
-
-    async def reload(cfg: config.Config) -> None:
-        try:  # new sessions take the new limits, certificate and users; open ones keep theirs
-            handler.configure(cfg)
-        except config.ConfigError as exc:
-            logs.event("reload_failed", level="error", error=str(exc))
-
-    await w.until_stop(reload)
-
-    async def cut_now() -> int:
-        return handler.cut()
-
-    cut = await w.stop_within_grace(handler.drain(w.cfg.lifecycle.grace), cut_now)
-    for server in servers:
-        server.close()
-    beat.cancel()
-    logs.event("stopped", sessions_cut=cut)
-    return 0
-
-
-async def _bind(handler: IntakeHandler) -> list[asyncio.Server] | None:
-    deadline = time.monotonic() + BIND_RETRY
-    while True:
-        try:
-            return await listeners.serve(handler)
-        except OSError as exc:
-            # A predecessor orphaned by a killed supervisor may still be closing its sockets.
-            if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                logs.failure("intake", exc, action="listen")
-                return None
-            await asyncio.sleep(0.2)
-
-
-async def run_scheduler(w: Worker) -> int:
-    w.listen_for_signals()
-    with control.spool_lock(
-        w.spool, control.SCHEDULER_LOCK, wait=w.cfg.lifecycle.grace + 10
-    ) as held:
-        if not held:
-            logs.event("error", level="error", stage="scheduler", error="scheduler.lock is held")
-            return 1
-        return await _schedule(w)
-
-
-async def _schedule(w: Worker) -> int:
-    scheduler = Scheduler(w.cfg, w.spool, SmtpAgent(w.cfg), heartbeat=lambda: w.status("alive"))
-    server = await control.serve(scheduler, w.spool)
-    wake = await control.listen_wake(scheduler, w.spool)
-    running = asyncio.ensure_future(scheduler.run())
-    w.ready()
-    await w.until_stop(scheduler.reconfigure, also=running)
-    server.close()
-    wake.close()
-    if running.done():  # the dispatch loop died: exit non-zero so the supervisor restarts us
-        logs.failure("scheduler", running.exception() or RuntimeError("dispatch loop ended"))
-        return 1
-    cut = await w.stop_within_grace(scheduler.stop(w.cfg.lifecycle.grace), scheduler.cut)
-    await running
-    logs.event("stopped", deliveries_cut=cut)
-    return 0
-
-
-def _tune_gc() -> None:
-    """Fewer, cheaper cyclic collections: everything alive once the worker is set up (modules,
-    config) is frozen out of them, and the youngest generation is collected every GC_YOUNG
-    container allocations instead of 700. perf put the collector at 5% of the intake's CPU."""
-    gc.freeze()
-    gc.set_threshold(GC_YOUNG, 20, 20)
-
-
-def _die_with_parent() -> None:
-    """Linux PR_SET_PDEATHSIG: SIGTERM (a graceful stop) when the supervisor dies, even by
-    kill -9, so no worker outlives it and holds the port or the spool."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != int(os.environ.get(SUPERVISOR_PID, os.getppid())):
-        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before prctl took effect

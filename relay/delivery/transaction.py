@@ -26,8 +26,8 @@ from relay.mail.reply import Reply, Verdict, classify
 
 CHUNK_SIZE = 256 * 1024
 # A body up to this size is read on the event loop: from the page cache that is a copy of a
-# few microseconds, cheaper than the hop to a worker thread and back (DESIGN invariant 5
-# sends only large file I/O to a thread).
+# few microseconds, cheaper than the hop to a worker thread and back (docs/architecture.md
+# invariant 5 sends only large file I/O to a thread).
 INLINE_READ = 64 * 1024
 CRLF = b"\r\n"
 # RFC 6531: a message that needs SMTPUTF8 is never downgraded in transit; X.6.7 is its code.

@@ -5,7 +5,6 @@ is counted and logged."""
 from __future__ import annotations
 
 import email.utils
-import re
 from email.parser import BytesHeaderParser
 from email.policy import SMTP as SMTP_POLICY
 from typing import Any
@@ -15,16 +14,10 @@ from aiosmtpd.smtp import Session
 from relay.config import Config
 from relay.intake.auth import Auth
 from relay.intake.data import Draft
-from relay.mail.address import address_literal
+from relay.mail.address import UTF8_DOMAIN_RE, address_literal
 from relay.observe import logs, metrics
 from relay.spool import reserve
 from relay.spool.store import Spool
-
-# A domain as RFC 6531 §3.3 allows it after SMTPUTF8: mail.address.DOMAIN's labels with
-# UTF-8 letters too.
-_U = r"A-Za-z0-9\u0080-\U0010ffff"
-_U_LABEL = rf"[{_U}]([{_U}-]{{0,61}}[{_U}])?"
-DOMAIN_RE = re.compile(rf"^({_U_LABEL}\.)*{_U_LABEL}$")
 
 REPLY_BAD_ADDRESS = "501 5.1.3 Bad {} address syntax"
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address requires SMTPUTF8"
@@ -63,7 +56,7 @@ def address_problem(address: str, smtputf8: bool, *, allow_empty: bool) -> str |
         return REPLY_BAD_ADDRESS
     if domain.startswith("["):
         return None if address_literal(domain) else REPLY_BAD_ADDRESS
-    return None if DOMAIN_RE.match(domain) else REPLY_BAD_ADDRESS
+    return None if UTF8_DOMAIN_RE.match(domain) else REPLY_BAD_ADDRESS
 
 
 def address_rejected(problem: str, role: str, session: Session, address: str) -> str:

@@ -1,4 +1,4 @@
-"""Intake stage, the DATA reader: the mail data read as it arrives, checked on the stream (size,
+"""Intake, the DATA reader: the mail data read as it arrives, checked on the stream (size,
 line length, bare CR or LF, NUL) and dot-unstuffed into a Draft that keeps the header block in
 memory and spills the body into the spool beyond MEMORY_LIMIT, so that a session in DATA costs
 a bounded amount of memory whatever the size of its message."""
@@ -94,8 +94,9 @@ class Draft:
         return rest
 
     async def _flush(self) -> None:
-        """Move the body held in memory to the spill file, in a worker thread (DESIGN
-        invariant 5); a failure is kept for the reply after the data, and the rest dropped."""
+        """Move the body held in memory to the spill file, in a worker thread
+        (docs/architecture.md invariant 5); a failure is kept for the reply after the data,
+        and the rest dropped."""
         data, self._body = self._body, bytearray()
         try:
             if self.spill is None:

@@ -1,4 +1,4 @@
-"""Intake stage, directives: the X-Relay-* header fields an application may set to steer its
+"""Intake, directives: the X-Relay-* header fields an application may set to steer its
 message (X-Relay-Send-At, X-Relay-Priority), read and removed before the message is signed
 and spooled."""
 

@@ -1,4 +1,4 @@
-"""DKIM signing stage: the intake signs each message for its From: domain (RFC 6376)."""
+"""Intake, DKIM: each message signed for its From: domain (RFC 6376)."""
 
 from __future__ import annotations
 

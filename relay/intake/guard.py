@@ -1,4 +1,4 @@
-"""Intake stage, access control: connection limits (in total and per client IP), the per-IP
+"""Intake, access control: connection limits (in total and per client IP), the per-IP
 command rate, and slowing down then banning IPs that fail AUTH, in the manner of Postfix's
 anvil. Clients in relay_networks are exempt from the per-IP limits (Postfix's
 smtpd_client_event_limit_exceptions), not from the total."""

@@ -1,4 +1,4 @@
-"""Intake stage: aiosmtpd's hooks, from EHLO to the durable write that comes before
+"""Intake, the handler: aiosmtpd's hooks, from EHLO to the durable write that comes before
 `250 queued as <id>`: relay policy at RCPT, sender ownership and limits at MAIL, and at DATA the
 message's checks, directives, lane and quotas, its Received: header and DKIM signature."""
 
@@ -23,6 +23,7 @@ from relay.intake.tls import tls_context
 from relay.observe import logs, metrics
 from relay.spool.groupcommit import GroupCommit
 from relay.spool.message import Message, Recipient, new_id
+from relay.spool.run import QUOTA_LEDGER
 from relay.spool.spill import Content
 from relay.spool.store import Spool
 
@@ -45,8 +46,8 @@ class IntakeHandler:
         self.spool = spool
         self.notify = notify
         self.registry = Registry(cfg, spool.spill)
-        self.ledger = quota.Ledger(spool.run_path("quota.json"))
-        # Sessions finishing DATA together share one flush (DESIGN invariant 1: group commit).
+        self.ledger = quota.Ledger(spool.run_path(QUOTA_LEDGER))
+        # Sessions finishing DATA together share one flush (docs/architecture.md invariant 1).
         self.commits: GroupCommit[tuple[Message, Content | None]] = GroupCommit(spool.accept_batch)
         self.configure(cfg)
 
@@ -67,7 +68,8 @@ class IntakeHandler:
         return self.registry.cut()
 
     async def handle_exception(self, error: Exception) -> str:
-        """A bug while accepting mail is our failure: 4xx, never 5xx (DESIGN invariant 2)."""
+        """A bug while accepting mail is our failure: 4xx, never 5xx (docs/architecture.md
+        invariant 2)."""
         logs.failure("intake", error)
         return REPLY_INTERNAL
 

@@ -1,4 +1,4 @@
-"""Intake stage, sending quotas: the earliest window slot with room (pure) and the ledger of
+"""Intake, sending quotas: the earliest window slot with room (pure) and the ledger of
 counts per window that every intake process shares through a locked file in the spool's run/."""
 
 from __future__ import annotations

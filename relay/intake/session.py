@@ -1,4 +1,4 @@
-"""Intake stage, one SMTP session: aiosmtpd's protocol with RFC 3463 enhanced codes on its own
+"""Intake, one SMTP session: aiosmtpd's protocol with RFC 3463 enhanced codes on its own
 replies, per-connection limits and timers, AUTH answered after an asynchronous password check,
 and a way to be told the daemon is stopping."""
 

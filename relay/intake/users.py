@@ -1,4 +1,4 @@
-"""Intake stage, credentials: the SMTP AUTH users file (scrypt password hashes and the sender
+"""Intake, credentials: the SMTP AUTH users file (scrypt password hashes and the sender
 domains each user may use), read by the intake and managed by `relay user`."""
 
 from __future__ import annotations

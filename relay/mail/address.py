@@ -5,10 +5,18 @@ from __future__ import annotations
 import ipaddress
 import re
 
-# A DNS label: letters, digits and inner hyphens, at most 63 (RFC 1035 §2.3.1, RFC 5321 §4.1.2).
-LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+
+def _label(chars: str) -> str:
+    """A label of chars and inner hyphens, at most 63 (RFC 1035 §2.3.1, RFC 5321 §4.1.2)."""
+    return rf"[{chars}](?:[{chars}-]{{0,61}}[{chars}])?"
+
+
+LABEL = _label("A-Za-z0-9")
 DOMAIN = rf"{LABEL}(?:\.{LABEL})*"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){DOMAIN}\.?$")
+# A domain as RFC 6531 §3.3 allows it after SMTPUTF8: the same labels with UTF-8 letters too.
+UTF8_LABEL = _label(r"A-Za-z0-9\u0080-\U0010ffff")
+UTF8_DOMAIN_RE = re.compile(rf"^(?:{UTF8_LABEL}\.)*{UTF8_LABEL}$")
 
 
 def address_literal(literal: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -1,4 +1,4 @@
-"""Observation stage: the supervisor's HTTP endpoint on metrics.listen, serving /metrics for
+"""Observation, the endpoint: the supervisor's HTTP endpoint on metrics.listen, serving /metrics for
 Prometheus, /healthz (process up) and /readyz (listening, spool writable and above its
 reserve, scheduler alive)."""
 

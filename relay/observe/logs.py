@@ -1,4 +1,4 @@
-"""Observation stage: structlog JSON lines on stdout and the fixed vocabulary of log events."""
+"""Observation, logs: structlog JSON lines on stdout and the fixed vocabulary of log events."""
 
 from __future__ import annotations
 

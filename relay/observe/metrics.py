@@ -1,4 +1,4 @@
-"""Observation stage: every Prometheus metric of the relay, declared together, with bounded
+"""Observation, metrics: every Prometheus metric of the relay, declared together, with bounded
 label sets that exist (at zero) before the first event.
 
 The intake and scheduler processes write their values to files in run/metrics/

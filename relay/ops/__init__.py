@@ -1,2 +1,3 @@
-"""Operations: the admin socket's server and client, the operator's queue actions and the
-queue summary; it steers the stages below it and is never called by them."""
+"""Operations: the control socket's server and the CLI's client of it, queue actions on a
+stopped spool and the qshape summary; it steers the stages below it and is never called by
+them."""

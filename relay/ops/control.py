@@ -1,32 +1,26 @@
-"""Control stage: queue operations for the CLI, sent over the admin socket to a running
-scheduler, or applied to the spool directly when the daemon is stopped."""
+"""Operations, the control socket: queue operations for the CLI, sent over run/control.sock
+to a running scheduler, or applied to the spool directly when the daemon is stopped."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
-import fcntl
 import json
-import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from relay.mail.target import expand
 from relay.ops import summary
 from relay.schedule.actions import OPS, apply, selects
 from relay.spool.layout import DEAD, QUEUE
+from relay.spool.run import CONTROL_SOCKET, DAEMON_LOCK, listen, spool_lock
 from relay.spool.store import Spool, SpoolError
 
 if TYPE_CHECKING:
     from relay.schedule.scheduler import Scheduler
 
-CONTROL_SOCKET = "control.sock"
-WAKE_SOCKET = "wake.sock"
-DAEMON_LOCK = "daemon.lock"
-SCHEDULER_LOCK = "scheduler.lock"
 Result = dict[str, list[str]]
 
 
@@ -51,7 +45,7 @@ async def serve(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
             await writer.drain()
         writer.close()
 
-    return await _listen(spool, CONTROL_SOCKET, handle)
+    return await listen(spool, CONTROL_SOCKET, handle)
 
 
 async def _execute(scheduler: Scheduler, spool: Spool, request: dict[str, Any]) -> Any:
@@ -82,60 +76,6 @@ async def _summary(scheduler: Scheduler) -> dict[str, Any]:
     arrivals = scheduler.arrivals()
     counted = await asyncio.to_thread(summary.count, arrivals, time.time())
     return {"indexed": True, "summary": counted.as_json()}
-
-
-async def listen_wake(scheduler: Scheduler, spool: Spool) -> asyncio.AbstractServer:
-    """Intake's wake-ups (one queue id per line) make new mail due within milliseconds."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                scheduler.notice(line.strip().decode("ascii", "replace"))
-        except (ConnectionError, asyncio.CancelledError):
-            # Cancelled at shutdown: ending quietly keeps Python 3.11's streams from logging
-            # the cancellation as an unhandled error.
-            pass
-        finally:
-            writer.close()
-
-    return await _listen(spool, WAKE_SOCKET, handle)
-
-
-async def _listen(
-    spool: Spool,
-    name: str,
-    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
-) -> asyncio.AbstractServer:
-    """A UNIX stream server on run/<name>, replacing a socket left by a previous run."""
-    address = spool.socket_address(name)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(address)
-    return await asyncio.start_unix_server(handle, address)
-
-
-@contextlib.contextmanager
-def spool_lock(spool: Spool, name: str, wait: float) -> Iterator[bool]:
-    """Hold run/<name>; yields False (holding nothing) if it stayed busy for `wait` seconds.
-
-    daemon.lock: the supervisor for its lifetime, or an offline CLI for one command.
-    scheduler.lock: the scheduler process, so that a scheduler orphaned by a killed supervisor
-    finishes before its successor starts delivering.
-    """
-    fd = os.open(spool.run_path(name), os.O_RDWR | os.O_CREAT, 0o600)
-    deadline = time.monotonic() + wait
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.05)
-        yield True
-    finally:
-        os.close(fd)
 
 
 # --- the CLI's side ---------------------------------------------------------------------------

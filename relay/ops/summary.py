@@ -1,4 +1,4 @@
-"""Observation stage: a Postfix qshape-like summary of the queue, counting queued messages by
+"""Operations, the summary: a Postfix qshape-like summary of the queue, counting queued messages by
 recipient domain and age bucket, as pure functions over already loaded messages.
 
 Semantics follow qshape (Postfix QSHAPE_README):

@@ -1,4 +1,4 @@
-"""Spool stage, durable writes: the file primitives every spool write goes through (whole reads
+"""Spool, durable writes: the file primitives every spool write goes through (whole reads
 and writes by plain system calls, fsync of files and directories, one syncfs for a batch)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Spool stage, group commit: durable writes that many coroutines ask for at once are done as
+"""Spool, group commit: durable writes that many coroutines ask for at once are done as
 one batch in a worker thread (one flush for all of them), each caller waiting for its own."""
 
 from __future__ import annotations

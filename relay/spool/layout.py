@@ -1,4 +1,4 @@
-"""Spool stage, the layout: the spool's directories and the path of every file in them, the one
+"""Spool, the layout: the spool's directories and the path of every file in them, the one
 place that knows their names."""
 
 from __future__ import annotations

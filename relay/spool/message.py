@@ -1,4 +1,4 @@
-"""Spool stage, the state model: a message's envelope and the delivery state of each recipient,
+"""Spool, the state model: a message's envelope and the delivery state of each recipient,
 their ids, and the JSON form of a state file (format version 1, docs/spool.md)."""
 
 from __future__ import annotations

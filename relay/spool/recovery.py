@@ -1,4 +1,4 @@
-"""Spool stage, recovery: the start-up repair after a crash, and the quarantine of state files
+"""Spool, recovery: the start-up repair after a crash, and the quarantine of state files
 that cannot be read."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Spool stage, the disk reserve (Postfix's queue_minfree): the room kept free on the spool's
+"""Spool, the disk reserve (Postfix's queue_minfree): the room kept free on the spool's
 file system, and why a new message cannot be taken when it is not there."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Spool stage, spill files: the body of a message while it arrives, in a nameless file in tmp/
+"""Spool, spill files: the body of a message while it arrives, in a nameless file in tmp/
 that nothing can find and that vanishes with its last descriptor."""
 
 from __future__ import annotations

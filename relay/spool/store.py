@@ -1,4 +1,4 @@
-"""Spool stage, the store: the on-disk queue (content, state, dead letters) and its atomic
+"""Spool, the store: the on-disk queue (content, state, dead letters) and its atomic
 transitions; every write goes through relay.spool.durable."""
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class Spool(Layout):
         never acknowledged; recover() removes it) and each state to tmp/; one syncfs makes
         them and msg/'s entries durable; only then are the states renamed into queue/ and
         queue/ fsync'd. A state file therefore never appears before its content is durable
-        (DESIGN invariant 1). A content of None was written by write_content(). A result per
-        message: None, or its error."""
+        (docs/architecture.md invariant 1). A content of None was written by write_content().
+        A result per message: None, or its error."""
         results: list[Failure] = [None] * len(batch)
         staged: list[tuple[int, str, Path]] = []
         for index, (msg, content) in enumerate(batch):

@@ -53,8 +53,9 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 class Relay:
     """One relay daemon: config file, spool, process, log lines and an SMTP client."""
 
-    def __init__(self, root: Path, settings: dict[str, Any]) -> None:
+    def __init__(self, root: Path, settings: dict[str, Any], source: Path | None = None) -> None:
         self.root = root
+        self.source = source  # a directory holding another relay/ package to run (the bench)
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.metrics_port = free_port()
@@ -85,6 +86,7 @@ class Relay:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "relay", "serve", "--config", str(self.config)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.source,
         )  # fmt: skip
         self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
         self.reader.start()

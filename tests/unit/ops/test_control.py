@@ -12,6 +12,7 @@ from typing import Any
 from relay.ops import control, summary
 from relay.schedule.scheduler import Scheduler
 from relay.spool.layout import QUEUE
+from relay.spool.run import DAEMON_LOCK, spool_lock
 from relay.spool.store import Spool, iter_messages
 from tests.unit.schedule.fake import FakeAgent, enqueue, new_spool, running, settings, until
 
@@ -26,7 +27,7 @@ def settled(scheduler: Scheduler, count: int) -> bool:
 
 async def ask(spool: Spool, op: str) -> Any:
     """What the CLI gets from the running daemon (its lock held as the supervisor holds it)."""
-    with control.spool_lock(spool, control.DAEMON_LOCK, wait=0) as held:
+    with spool_lock(spool, DAEMON_LOCK, wait=0) as held:
         assert held
         return await asyncio.to_thread(control.inspect, spool, op)
 
