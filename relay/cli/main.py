@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from relay import config
-from relay.cli import admin, queue
+from relay.cli import admin, queue, token
 from relay.cli.fail import EX_CONFIG, EX_USAGE, Fail
 from relay.daemon import supervisor as daemon
 from relay.ops import control
@@ -49,10 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser = Parser(prog="relay", description="Self-hosted SMTP relay daemon.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    sub.add_parser("serve", parents=[common], help="run the relay (supervisor, intake, scheduler)")
+    sub.add_parser("serve", parents=[common], help="run the relay (supervisor and its workers)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
     sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
     add_user_commands(sub, common)
+    add_token_commands(sub, common)
     add_dkim_commands(sub, common)
     for name, where in (("queue", "queued messages"), ("dlq", "the dead-letter spool")):
         add_spool_commands(sub, common, name, where)
@@ -71,6 +72,22 @@ def add_user_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -
             cmd.add_argument("--domains", required=True, help="allowed sender domains: a,b or *")
         if action != "delete":
             cmd.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+
+
+def add_token_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    cmds = sub.add_parser("token", help="manage the HTTP API's bearer tokens").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    )
+    listing = cmds.add_parser("list", parents=[common], help="list tokens (never the tokens)")
+    listing.add_argument("--json", action="store_true", help="print one JSON array")
+    add = cmds.add_parser("add", parents=[common], help="add a token and print it, once")
+    add.add_argument("name")
+    add.add_argument("--tenant", help="the one tenant it sees and acts for (default: every one)")
+    add.add_argument(
+        "--scope", default=token.DEFAULT_SCOPES, metavar="SCOPES",
+        help="comma-separated: read, send, cancel (default: all three)",
+    )  # fmt: skip
+    cmds.add_parser("delete", parents=[common], help="delete a token").add_argument("name")
 
 
 def add_dkim_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
@@ -139,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
         return daemon.worker(args.role, config_file, cfg)
     if args.command == "user":
         return admin.manage_users(cfg, args)
+    if args.command == "token":
+        return token.manage_tokens(cfg, args)
     if args.command == "dkim":
         return admin.dkim_keygen(args)
     spool = Spool(cfg.spool.path)

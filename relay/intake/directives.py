@@ -1,6 +1,6 @@
 """Intake, directives: the X-Relay-* header fields an application may set to steer its
-message (X-Relay-Send-At, X-Relay-Priority), read and removed before the message is signed
-and spooled."""
+message (X-Relay-Send-At, X-Relay-Priority, X-Relay-Batch-Id), read and removed before the
+message is signed and spooled."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from relay.config.lanes import LANES
 
 SEND_AT = b"x-relay-send-at"
 PRIORITY = b"x-relay-priority"
-NAMES = {SEND_AT: "X-Relay-Send-At", PRIORITY: "X-Relay-Priority"}
+BATCH_ID = b"x-relay-batch-id"
+NAMES = {SEND_AT: "X-Relay-Send-At", PRIORITY: "X-Relay-Priority", BATCH_ID: "X-Relay-Batch-Id"}
+BATCH_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 HEADER_END = re.compile(rb"\r\n\r\n")
 EPOCH_RE = re.compile(r"^\d{1,12}(\.\d+)?$")
 
@@ -25,6 +27,7 @@ class DirectiveError(ValueError):
 class Directives:
     send_at: float | None = None  # UTC epoch seconds; None = as soon as possible
     priority: str | None = None  # high | normal | low; None = not asked (or not honoured)
+    batch_id: str | None = None  # the application's batch this message belongs to
 
 
 def extract(content: bytes, *, priority: bool = True) -> tuple[bytes, Directives]:
@@ -41,10 +44,12 @@ def extract(content: bytes, *, priority: bool = True) -> tuple[bytes, Directives
         return content, Directives()
     send_at = _single(fields, SEND_AT)
     asked = _single(fields, PRIORITY) if priority else None
+    batch_id = _single(fields, BATCH_ID)
     kept = b"".join(raw for name, raw in fields if name not in NAMES)
     return kept + content[head_len:], Directives(
         send_at=None if send_at is None else parse_time(send_at),
         priority=None if asked is None else parse_priority(asked),
+        batch_id=None if batch_id is None else parse_batch_id(batch_id),
     )
 
 
@@ -95,3 +100,13 @@ def parse_priority(text: str) -> str:
             f"550 5.6.0 X-Relay-Priority: {text[:64]!r} is not a priority (use {', '.join(LANES)})"
         )
     return text.lower()
+
+
+def parse_batch_id(text: str) -> str:
+    """1 to 64 letters, digits, dots, underscores and hyphens, kept as given."""
+    if not BATCH_ID_RE.match(text):
+        raise DirectiveError(
+            f"550 5.6.0 X-Relay-Batch-Id: {text[:64]!r} is not a batch id "
+            "(1-64 of A-Z a-z 0-9 . _ -)"
+        )
+    return text

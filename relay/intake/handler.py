@@ -20,8 +20,10 @@ from relay.intake.internals import hook_names
 from relay.intake.registry import Registry
 from relay.intake.session import REPLY_SHUTTING_DOWN, RelaySMTP
 from relay.intake.tls import tls_context
+from relay.mail.events import DEFAULT_TENANT
 from relay.observe import logs, metrics
 from relay.spool.groupcommit import GroupCommit
+from relay.spool.journal import INTAKE
 from relay.spool.message import Message, Recipient, new_id
 from relay.spool.run import QUOTA_LEDGER
 from relay.spool.spill import Content
@@ -47,6 +49,8 @@ class IntakeHandler:
         self.notify = notify
         self.registry = Registry(cfg, spool.spill)
         self.ledger = quota.Ledger(spool.run_path(QUOTA_LEDGER))
+        # Each message's `received` event is written with it, by the group commit.
+        spool.open_journal(INTAKE)
         # Sessions finishing DATA together share one flush (docs/architecture.md invariant 1).
         self.commits: GroupCommit[tuple[Message, Content | None]] = GroupCommit(spool.accept_batch)
         self.configure(cfg)
@@ -142,6 +146,7 @@ class IntakeHandler:
         except directives.DirectiveError as exc:
             return reject("bad_directive", str(exc), session)
         msg = self._message(session, envelope, len(head) + draft.body_size)
+        msg.batch_id = asked.batch_id
         if asked.send_at is not None and asked.send_at > msg.queued_at:
             msg.send_at = msg.next_attempt = asked.send_at
         msg.lane = asked.priority or admission.lane(self.cfg, session, server.listener)
@@ -190,7 +195,7 @@ class IntakeHandler:
         logs.event(
             "received", id=msg.id, sender=msg.sender, rcpts=envelope.rcpt_tos,
             size=msg.size, client=peer_ip(session), user=session.auth_data, send_at=msg.send_at,
-            lane=msg.lane, quota_until=msg.quota_until,
+            lane=msg.lane, quota_until=msg.quota_until, tenant=msg.tenant, batch_id=msg.batch_id,
         )  # fmt: skip
         if msg.quota_until is not None:
             metrics.QUOTA_HELD.labels("held").inc()
@@ -213,6 +218,7 @@ class IntakeHandler:
             size=size,
             smtputf8=envelope.smtp_utf8,
             client={"ip": peer_ip(session), "helo": session.host_name or ""},
+            tenant=str(session.auth_data) if session.authenticated else DEFAULT_TENANT,
         )
 
 

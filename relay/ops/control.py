@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from relay.mail.target import expand
 from relay.ops import summary
-from relay.schedule.actions import OPS, apply, selects
+from relay.schedule.actions import OPS, selects
+from relay.schedule.operate import change
+from relay.spool.journal import Journal, cli_writer
 from relay.spool.layout import DEAD, QUEUE
 from relay.spool.run import CONTROL_SOCKET, DAEMON_LOCK, listen, spool_lock
 from relay.spool.store import Spool, SpoolError
@@ -126,7 +128,18 @@ def _ask(address: str, message: dict[str, str | None], timeout: float) -> Any:
 
 
 def _offline(spool: Spool, op: str, target: str, domain: str | None) -> Result:
-    """The same operations on a stopped daemon's spool, under its lock."""
+    """The same operations on a stopped daemon's spool, under its lock, journaled as the
+    scheduler journals them, in a file of this command's own (cli-<pid>)."""
+    journal = spool.open_journal(cli_writer())
+    try:
+        return _apply_offline(spool, journal, op, target, domain)
+    finally:
+        journal.close()
+
+
+def _apply_offline(
+    spool: Spool, journal: Journal, op: str, target: str, domain: str | None
+) -> Result:
     result: Result = {"done": [], "busy": [], "missing": []}
     if op == "requeue":
         for msg_id in expand(target, lambda: spool.ids(DEAD)):
@@ -145,7 +158,7 @@ def _offline(spool: Spool, op: str, target: str, domain: str | None) -> Result:
             continue
         if not selects(msg, domain):
             continue
-        if apply(op, msg, domain, time.time()):
+        if change(journal, op, msg, domain, time.time()):
             spool.remove(msg_id)
         else:
             spool.save(msg)

@@ -1,6 +1,6 @@
 """Schedule, operator actions on the live queue: flush, delete, hold, release and requeue, each
 applied to a message in flight only when its attempt ends, so it is delivered or deleted, never
-both."""
+both, and journaled before it is written (shared with the CLI on a stopped spool: change())."""
 
 from __future__ import annotations
 
@@ -10,17 +10,39 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 
+from relay.mail import events
 from relay.mail.target import expand
 from relay.observe import logs
 from relay.schedule.actions import PAST, apply, selects
 from relay.schedule.dispatch import Dispatch
 from relay.schedule.index import Index, pending_domains
+from relay.spool.journal import SCHEDULER, Journal
 from relay.spool.message import Message
 from relay.spool.store import Spool, SpoolError
 
 # An operator action on a message in flight waits this long for its attempt to end.
 SETTLE_TIMEOUT = 15.0
 Result = dict[str, list[str]]
+# The event (and log line) of each action that changes a message; flush has none (it changes
+# only when a message is tried).
+EVENT_OF = {"delete": events.CANCELLED, "hold": events.HELD, "release": events.RELEASED}
+
+
+def change(journal: Journal, op: str, msg: Message, domain: str | None, now: float) -> bool:
+    """Apply op to msg (relay.schedule.actions.apply) and append its events to the journal,
+    before the caller writes msg's state (or removes it: True). delete's event is `cancelled`,
+    one per recipient it cancels; hold and release have one each; flush none."""
+    cancelled = []
+    if op == "delete":
+        cancelled = [r for r in msg.pending() if domain is None or r.domain == domain]
+        for rcpt in cancelled:
+            rcpt.status = "deleted"
+    gone = apply(op, msg, domain, now)
+    if op == "delete":
+        journal.append([events.record(events.CANCELLED, msg, now, r) for r in cancelled])
+    elif op in EVENT_OF:
+        journal.append([events.record(EVENT_OF[op], msg, now)])
+    return gone
 
 
 class Operations:
@@ -30,6 +52,7 @@ class Operations:
         self.spool = spool
         self.dispatch = dispatch
         self.index: Index = dispatch.index
+        self.journal = spool.open_journal(SCHEDULER)
         self.waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
 
     async def operate(self, op: str, target: str, domain: str | None) -> Result:
@@ -56,13 +79,13 @@ class Operations:
             if not selects(msg, domain):
                 self._update(msg)
                 return "skipped"
-            if apply(op, msg, domain, time.time()):
+            if change(self.journal, op, msg, domain, time.time()):
                 await asyncio.to_thread(self.spool.remove, msg_id)
                 self.dispatch.drop(msg_id)
             else:
                 await asyncio.to_thread(self.spool.save, msg)
                 self._update(msg)
-        logs.event(PAST[op], id=msg_id, domain=domain)
+        logs.event(EVENT_OF.get(op, PAST[op]), id=msg_id, domain=domain)
         return "done"
 
     async def requeue(self, msg_id: str) -> str:
@@ -76,7 +99,7 @@ class Operations:
                 return "missing"
             self.dispatch.drop(msg_id)
             self.index.add(msg)
-        logs.event("requeued", id=msg_id)
+        logs.event(events.REQUEUED, id=msg_id)
         return "done"
 
     def ended(self, msg_id: str) -> None:

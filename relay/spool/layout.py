@@ -17,6 +17,7 @@ MSG = "msg"
 TMP = "tmp"
 CORRUPT = "corrupt"
 RUN = "run"
+EVENTS = "events"  # the event journal (relay.spool.journal, docs/events.md)
 STATE_SUFFIX = ".json"
 
 
@@ -30,7 +31,7 @@ class Layout:
 
     def prepare(self) -> None:
         """Create the directory tree (0700) if it does not exist yet."""
-        for name in (QUEUE, DEAD, MSG, TMP, CORRUPT, RUN):
+        for name in (QUEUE, DEAD, MSG, TMP, CORRUPT, RUN, EVENTS):
             (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def content_path(self, msg_id: str) -> Path:
@@ -43,6 +44,11 @@ class Layout:
         """state_path() as a plain string: pathlib's joins cost a fifth of indexing a large
         queue, so load() uses this."""
         return f"{self.root}/{where}/{msg_id}{STATE_SUFFIX}"
+
+    @property
+    def events_dir(self) -> Path:
+        """The event journal's files (relay.spool.journal)."""
+        return self.root / EVENTS
 
     def run_path(self, name: str) -> Path:
         return self.root / RUN / name

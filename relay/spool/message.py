@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.mail.events import DEFAULT_TENANT
 from relay.mail.reply import Reply
 
 FORMAT_VERSION = 1
@@ -105,6 +106,8 @@ class Message:
     send_at: float | None = None  # X-Relay-Send-At: not attempted before this UTC time
     lane: str = "normal"  # priority lane: high | normal | low
     quota_until: float | None = None  # over its sending quota: not attempted before this time
+    tenant: str = DEFAULT_TENANT  # the SMTP AUTH user that submitted it, else "default"
+    batch_id: str | None = None  # X-Relay-Batch-Id: the application's batch
 
     @property
     def born(self) -> float:
@@ -155,6 +158,8 @@ class Message:
             send_at=data.get("send_at"),
             lane=str(data.get("lane", "normal")),
             quota_until=data.get("quota_until"),
+            tenant=str(data.get("tenant") or DEFAULT_TENANT),
+            batch_id=data.get("batch_id"),
         )
 
 
