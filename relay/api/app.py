@@ -9,14 +9,22 @@ from relay import config
 from relay.api import auth, meta, problems
 from relay.api.spec import Route, document
 from relay.api.tokens import Tokens
+from relay.history.store import History
+
+# The message history the endpoints read (the API process is its only writer).
+HISTORY = web.AppKey("history", History)
 
 # Every endpoint, served and described from here: a new endpoint module adds its ROUTES.
 ROUTES: tuple[Route, ...] = (*meta.ROUTES,)
 
 
-def build(tokens: Tokens, routes: tuple[Route, ...] = ROUTES) -> web.Application:
+def build(
+    tokens: Tokens, routes: tuple[Route, ...] = ROUTES, history: History | None = None
+) -> web.Application:
     app = web.Application(middlewares=[problems.middleware, auth.middleware])
     app[auth.TOKENS] = tokens
+    if history is not None:
+        app[HISTORY] = history
     app[auth.SCOPES] = {(r.method, r.path): r.scope for r in routes}
     app[meta.DOCUMENT] = document(routes)
     for route in routes:
@@ -28,10 +36,10 @@ class Server:
     """The API's listener: started once, told of reloads, stopped within the grace period
     (requests in flight finish, up to lifecycle.grace)."""
 
-    def __init__(self, cfg: config.Config) -> None:
+    def __init__(self, cfg: config.Config, history: History | None = None) -> None:
         self.tokens = Tokens(cfg.api.tokens_file)
         self.runner = web.AppRunner(
-            build(self.tokens),
+            build(self.tokens, history=history),
             access_log=None,  # the API's requests are not log events
             handle_signals=False,  # the worker handles them
             shutdown_timeout=cfg.lifecycle.grace,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from relay import config
-from relay.cli import admin, queue, token
+from relay.cli import admin, history, queue, token
 from relay.cli.fail import EX_CONFIG, EX_USAGE, Fail
 from relay.daemon import supervisor as daemon
 from relay.ops import control
@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
     add_user_commands(sub, common)
     add_token_commands(sub, common)
+    sub.add_parser("history", help="the message history (docs/events.md)").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    ).add_parser(
+        "rebuild", parents=[common], help="derive it again from the event journal (relay stopped)"
+    )
     add_dkim_commands(sub, common)
     for name, where in (("queue", "queued messages"), ("dlq", "the dead-letter spool")):
         add_spool_commands(sub, common, name, where)
@@ -170,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[tuple[str, str], Callable[[Spool, argparse.Namespace], int]] = {
+    ("history", "rebuild"): history.rebuild,
     ("queue", "list"): queue.list_entries,
     ("queue", "show"): queue.show,
     ("queue", "summary"): queue.queue_summary,

@@ -17,6 +17,7 @@ from relay.config.api import ApiConfig
 from relay.config.delivery import DeliveryConfig
 from relay.config.destinations import DEFAULT_LIMITS, Limits, destinations
 from relay.config.dkim import DkimConfig
+from relay.config.events import EventsConfig
 from relay.config.lanes import LanesConfig
 from relay.config.lifecycle import LifecycleConfig
 from relay.config.metrics import MetricsConfig
@@ -47,6 +48,7 @@ class Config:
     # Transport rules by recipient domain: the MX hosts (the default) or smarthosts.
     routes: tuple[RouteRule, ...] = option(routes, ())
     api: ApiConfig = field(default_factory=ApiConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
 
     def provider(self, mx_host: str | None) -> str:
         """The provider whose pattern matches mx_host first, else 'other'."""

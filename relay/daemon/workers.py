@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 from relay import config
 from relay.delivery.agent import SmtpAgent
+from relay.history import ingest
+from relay.history.store import History
 from relay.intake import listeners
 from relay.intake.handler import IntakeHandler
 from relay.intake.notifier import Notifier
@@ -190,10 +192,16 @@ async def run_api(w: Worker) -> int:
 
     w.listen_for_signals()
     listen = w.cfg.api.listen
-    server = Server(w.cfg)
+    history = History(w.spool.history_path)
+    server = Server(w.cfg, history)
     if listen is not None and await _retry_bind("api", lambda: server.start(*listen)) is None:
         await server.stop()
+        history.close()
         return 1
+    done = asyncio.Event()
+    following = asyncio.ensure_future(
+        ingest.follow(history, w.spool.events_dir, lambda: w.cfg.events.retention, done)
+    )
     # api.listen emptied since the start (restart-only): this process serves nothing.
     w.ready(listen=f"{listen[0]}:{listen[1]}" if listen else None)
     beat = asyncio.ensure_future(w.heartbeat())
@@ -204,6 +212,9 @@ async def run_api(w: Worker) -> int:
     await w.until_stop(reload)
     logs.event("stopping", grace=w.cfg.lifecycle.grace)
     await server.stop()  # requests in flight finish, up to the grace period
+    done.set()
+    await following
+    history.close()
     beat.cancel()
     logs.event("stopped")
     return 0

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.history.store import History
@@ -62,13 +63,16 @@ def _unlocked(path: Path) -> bool:
     return True
 
 
-async def follow(history: History, directory: Path, retention: float, stop: asyncio.Event) -> None:
-    """Keep the history caught up with the journal until stop is set; prune once an hour."""
+async def follow(
+    history: History, directory: Path, retention: Callable[[], float], stop: asyncio.Event
+) -> None:
+    """Keep the history caught up with the journal until stop is set; prune at the start and
+    once an hour (retention() read each time: a reload may change it)."""
     next_prune = 0.0
     while not stop.is_set():
         added = await asyncio.to_thread(catch_up, history, directory)
         if time.monotonic() >= next_prune:
-            await asyncio.to_thread(prune, history, directory, retention)
+            await asyncio.to_thread(prune, history, directory, retention())
             next_prune = time.monotonic() + 3600.0
         if not added:
             with contextlib.suppress(TimeoutError):

@@ -105,6 +105,11 @@ class History:
             items = [self._item(row) for row in rows[:limit]]
         return items, (items[-1]["id"] if len(rows) > limit else None)
 
+    def count(self) -> int:
+        """How many messages the history knows."""
+        with self.lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
     def message(self, msg_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         """One message with its recipients and its events (None: unknown to this tenant)."""
         with self.lock:
