@@ -6,25 +6,33 @@ from __future__ import annotations
 from aiohttp import web
 
 from relay import config
-from relay.api import auth, meta, problems
+from relay.api import auth, batches, messages, meta, problems
+from relay.api.live import HISTORY, SPOOL
 from relay.api.spec import Route, document
 from relay.api.tokens import Tokens
 from relay.history.store import History
+from relay.spool.layout import Layout
 
-# The message history the endpoints read (the API process is its only writer).
-HISTORY = web.AppKey("history", History)
+__all__ = ["HISTORY", "ROUTES", "SPOOL", "Server", "build"]
 
 # Every endpoint, served and described from here: a new endpoint module adds its ROUTES.
-ROUTES: tuple[Route, ...] = (*meta.ROUTES,)
+ROUTES: tuple[Route, ...] = (*meta.ROUTES, *messages.ROUTES, *batches.ROUTES)
 
 
 def build(
-    tokens: Tokens, routes: tuple[Route, ...] = ROUTES, history: History | None = None
+    tokens: Tokens,
+    routes: tuple[Route, ...] = ROUTES,
+    history: History | None = None,
+    spool: Layout | None = None,
 ) -> web.Application:
+    """The app; history: the message history the endpoints read (the API process is its only
+    writer); spool: where its journal and the running scheduler's control socket are."""
     app = web.Application(middlewares=[problems.middleware, auth.middleware])
     app[auth.TOKENS] = tokens
     if history is not None:
         app[HISTORY] = history
+    if spool is not None:
+        app[SPOOL] = spool
     app[auth.SCOPES] = {(r.method, r.path): r.scope for r in routes}
     app[meta.DOCUMENT] = document(routes)
     for route in routes:
@@ -39,7 +47,7 @@ class Server:
     def __init__(self, cfg: config.Config, history: History | None = None) -> None:
         self.tokens = Tokens(cfg.api.tokens_file)
         self.runner = web.AppRunner(
-            build(self.tokens, history=history),
+            build(self.tokens, history=history, spool=Layout(cfg.spool.path)),
             access_log=None,  # the API's requests are not log events
             handle_signals=False,  # the worker handles them
             shutdown_timeout=cfg.lifecycle.grace,

@@ -115,7 +115,9 @@ def add_spool_commands(
     )
     listing = group.add_parser("list", parents=[common], help=f"list {where}")
     listing.add_argument("--json", action="store_true", help="print one JSON array")
-    group.add_parser("show", parents=[common], help="show one message").add_argument("id")
+    show = group.add_parser("show", parents=[common], help="show one message (JSON)")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="JSON (what show always prints)")
     if name == "queue":
         shape = group.add_parser("summary", parents=[common], help=HELP["summary"])
         shape.add_argument("--json", action="store_true", help="print one JSON object")
@@ -125,6 +127,8 @@ def add_spool_commands(
         cmd.add_argument("target", metavar="ID|ALL", nargs="?")
         if name == "queue":
             cmd.add_argument("--domain", help="only this recipient domain")
+        if (name, action) == ("queue", "delete"):
+            cmd.add_argument("--batch", metavar="ID", help="every queued message of this batch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

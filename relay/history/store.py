@@ -56,14 +56,16 @@ class History:
 
     def take(self, file: str, events: Sequence[dict[str, Any]], offset: int) -> int:
         """Apply events read from file up to offset, in one transaction with the new offset:
-        a crash repeats none and loses none. Returns how many were new."""
+        a crash repeats none and loses none. Returns how many were new. Two callers may take
+        the same file at once (the follower and a request catching up): the offset only grows,
+        and an event taken twice changes nothing."""
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 added = sum(project.apply(self.db, event) for event in events)
                 self.db.execute(
                     "INSERT INTO offsets (file, offset) VALUES (?, ?)"
-                    " ON CONFLICT (file) DO UPDATE SET offset=excluded.offset",
+                    " ON CONFLICT (file) DO UPDATE SET offset=MAX(offset, excluded.offset)",
                     (file, offset),
                 )
             except BaseException:
@@ -156,13 +158,23 @@ class History:
         }  # fmt: skip
 
 
+def reply(code: int | None, enhanced: str | None, text: str | None) -> dict[str, Any] | None:
+    """A reply as the API and `relay queue show` give it: {code, enhanced, text}, the text
+    without the code and enhanced code the events' `reply` starts with."""
+    if code is None and text is None:
+        return None
+    words = (text or "").split(" ")
+    for part in (str(code) if code is not None else None, enhanced):
+        if part is not None and words and words[0] == part:
+            words = words[1:]
+    return {"code": code, "enhanced": enhanced, "text": " ".join(words)}
+
+
 def _recipient(row: sqlite3.Row) -> dict[str, Any]:
-    reply = None
-    if row["code"] is not None or row["text"] is not None:
-        reply = {"code": row["code"], "enhanced": row["enhanced"], "text": row["text"]}
     return {
         "address": row["address"], "status": row["status"], "attempts": row["attempts"],
-        "reply": reply, "mx": row["mx"], "next_attempt": iso(row["next_attempt"]),
+        "reply": reply(row["code"], row["enhanced"], row["text"]), "mx": row["mx"],
+        "next_attempt": iso(row["next_attempt"]),
         "updated_at": iso(row["updated_at"]),
     }  # fmt: skip
 

@@ -9,6 +9,7 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import Any
 
 from relay.mail import events
 from relay.mail.target import expand
@@ -87,6 +88,30 @@ class Operations:
                 self._update(msg)
         logs.event(EVENT_OF.get(op, PAST[op]), id=msg_id, domain=domain)
         return "done"
+
+    async def cancel(self, msg_id: str, tenant: str | None) -> dict[str, Any]:
+        """The API's DELETE: cancel every pending recipient of msg_id, after its attempt in
+        flight, if any, ends. outcome: done (with the addresses cancelled and those that had
+        ended, and how), busy (still in its attempt), missing (not queued: unknown, ended, or
+        another tenant's)."""
+        if not await self._settled(msg_id):
+            return {"outcome": "busy"}
+        async with self._claim(msg_id):
+            try:
+                msg = await asyncio.to_thread(self.spool.load, msg_id)
+            except SpoolError:
+                self.dispatch.drop(msg_id)
+                return {"outcome": "missing"}
+            if tenant is not None and msg.tenant != tenant:
+                return {"outcome": "missing"}
+            cancelled = [r.address for r in msg.pending()]
+            ended = [{"address": r.address, "status": events.FINISHED.get(r.status, r.status)}
+                     for r in msg.recipients if r.final]  # fmt: skip
+            change(self.journal, "delete", msg, None, time.time())
+            await asyncio.to_thread(self.spool.remove, msg_id)
+            self.dispatch.drop(msg_id)
+        logs.event(events.CANCELLED, id=msg_id, domain=None)
+        return {"outcome": "done", "cancelled": cancelled, "ended": ended}
 
     async def requeue(self, msg_id: str) -> str:
         """Bring a dead-letter record back into the queue, due now: 'done', 'busy', 'missing'."""

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from relay.api import app, tokens
 from relay.api.spec import Route
+from relay.history.store import History
 
 T = TypeVar("T")
 
@@ -57,9 +58,10 @@ class Client:
 
 @contextlib.asynccontextmanager
 async def served(
-    tokens_file: Path, routes: tuple[Route, ...] = app.ROUTES
+    tokens_file: Path, routes: tuple[Route, ...] = app.ROUTES, history: History | None = None
 ) -> AsyncIterator[Client]:
-    runner = web.AppRunner(app.build(tokens.Tokens(tokens_file), routes), access_log=None)
+    built = app.build(tokens.Tokens(tokens_file), routes, history=history)
+    runner = web.AppRunner(built, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
