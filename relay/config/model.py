@@ -18,6 +18,7 @@ from relay.config.delivery import DeliveryConfig
 from relay.config.destinations import DEFAULT_LIMITS, Limits, destinations
 from relay.config.dkim import DkimConfig
 from relay.config.events import EventsConfig
+from relay.config.idempotency import IdempotencyConfig
 from relay.config.lanes import LanesConfig
 from relay.config.lifecycle import LifecycleConfig
 from relay.config.metrics import MetricsConfig
@@ -49,6 +50,7 @@ class Config:
     routes: tuple[RouteRule, ...] = option(routes, ())
     api: ApiConfig = field(default_factory=ApiConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
 
     def provider(self, mx_host: str | None) -> str:
         """The provider whose pattern matches mx_host first, else 'other'."""
@@ -147,6 +149,8 @@ def _inconsistency(cfg: Config) -> str | None:
     taken = (cfg.metrics.listen, *cfg.smtp.listen, *cfg.smtp.submission, *cfg.smtp.smtps)
     if cfg.api.listen is not None and cfg.api.listen in taken:
         return f"api.listen: {cfg.api.listen[0]}:{cfg.api.listen[1]} is another listener's address"
+    if cfg.idempotency.window > cfg.events.retention:
+        return "idempotency.window: longer than events.retention (keys are rebuilt from events)"
     providers = {"default", *cfg.provider_names()}
     for name, _ in cfg.destinations:
         if "." not in name and name not in providers:

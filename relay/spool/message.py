@@ -108,6 +108,10 @@ class Message:
     quota_until: float | None = None  # over its sending quota: not attempted before this time
     tenant: str = DEFAULT_TENANT  # the SMTP AUTH user that submitted it, else "default"
     batch_id: str | None = None  # X-Relay-Batch-Id: the application's batch
+    # X-Relay-Idempotency-Key (the API's Idempotency-Key) and the hash of the content it
+    # was given with (docs/spool.md "Idempotency keys"); None without a key.
+    idempotency_key: str | None = None
+    content_hash: str | None = None
 
     @property
     def born(self) -> float:
@@ -160,6 +164,8 @@ class Message:
             quota_until=data.get("quota_until"),
             tenant=str(data.get("tenant") or DEFAULT_TENANT),
             batch_id=data.get("batch_id"),
+            idempotency_key=data.get("idempotency_key"),
+            content_hash=data.get("content_hash"),
         )
 
 

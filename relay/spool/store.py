@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from relay.mail import events
 from relay.spool import recovery
@@ -102,7 +103,8 @@ class Spool(Layout):
         """The `received` events of messages about to be committed, in one write."""
         if self.journal is not None and msgs:
             now = time.time()
-            self.journal.append([events.record(events.RECEIVED, msg, now) for msg in msgs])
+            self.journal.append([events.record(events.RECEIVED, msg, now, **keyed(msg))
+                                 for msg in msgs])  # fmt: skip
 
     def _commit(self, staged: list[tuple[int, str, Path]]) -> None:
         written = [
@@ -270,6 +272,13 @@ class Spool(Layout):
             unlink(tmp)
             raise
         fsync_dir(path.parent)
+
+
+def keyed(msg: Message) -> dict[str, Any]:
+    """A `received` event's idempotency fields: the key and content hash, when it has a key."""
+    if msg.idempotency_key is None or msg.content_hash is None:
+        return {}
+    return {"idempotency_key": msg.idempotency_key, "content_hash": msg.content_hash}
 
 
 def iter_messages(spool: Spool, where: str) -> Iterator[Message]:
