@@ -38,8 +38,8 @@ def received(n: int, tenant: str = "acme", **fields: Any) -> dict[str, Any]:
               send_at=fields.pop("send_at", None), **fields)  # fmt: skip
 
 
-NEXT = time.time() + 300
-SEND_AT = time.time() + 600
+NEXT = time.time() + 10 * 86400  # far ahead: the suite may run for long before this test
+SEND_AT = time.time() + 20 * 86400
 EVENTS = [
     received(1, batch="b"), ev("delivered", 1, rcpt="x@a.test", attempt=1, batch="b",
                                **{**OK, "status": "delivered"}),
