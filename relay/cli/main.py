@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from relay import config
-from relay.cli import admin, queue
+from relay.cli import admin, history, queue, token
 from relay.cli.fail import EX_CONFIG, EX_USAGE, Fail
 from relay.daemon import supervisor as daemon
 from relay.ops import control
@@ -49,10 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser = Parser(prog="relay", description="Self-hosted SMTP relay daemon.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    sub.add_parser("serve", parents=[common], help="run the relay (supervisor, intake, scheduler)")
+    sub.add_parser("serve", parents=[common], help="run the relay (supervisor and its workers)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
     sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
     add_user_commands(sub, common)
+    add_token_commands(sub, common)
+    sub.add_parser("history", help="the message history (docs/events.md)").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    ).add_parser(
+        "rebuild", parents=[common], help="derive it again from the event journal (relay stopped)"
+    )
     add_dkim_commands(sub, common)
     for name, where in (("queue", "queued messages"), ("dlq", "the dead-letter spool")):
         add_spool_commands(sub, common, name, where)
@@ -71,6 +77,22 @@ def add_user_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -
             cmd.add_argument("--domains", required=True, help="allowed sender domains: a,b or *")
         if action != "delete":
             cmd.add_argument("--password-stdin", action="store_true", help="read it from stdin")
+
+
+def add_token_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    cmds = sub.add_parser("token", help="manage the HTTP API's bearer tokens").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    )
+    listing = cmds.add_parser("list", parents=[common], help="list tokens (never the tokens)")
+    listing.add_argument("--json", action="store_true", help="print one JSON array")
+    add = cmds.add_parser("add", parents=[common], help="add a token and print it, once")
+    add.add_argument("name")
+    add.add_argument("--tenant", help="the one tenant it sees and acts for (default: every one)")
+    add.add_argument(
+        "--scope", default=token.DEFAULT_SCOPES, metavar="SCOPES",
+        help="comma-separated: read, send, cancel (default: all three)",
+    )  # fmt: skip
+    cmds.add_parser("delete", parents=[common], help="delete a token").add_argument("name")
 
 
 def add_dkim_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
@@ -93,7 +115,9 @@ def add_spool_commands(
     )
     listing = group.add_parser("list", parents=[common], help=f"list {where}")
     listing.add_argument("--json", action="store_true", help="print one JSON array")
-    group.add_parser("show", parents=[common], help="show one message").add_argument("id")
+    show = group.add_parser("show", parents=[common], help="show one message (JSON)")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="JSON (what show always prints)")
     if name == "queue":
         shape = group.add_parser("summary", parents=[common], help=HELP["summary"])
         shape.add_argument("--json", action="store_true", help="print one JSON object")
@@ -103,6 +127,8 @@ def add_spool_commands(
         cmd.add_argument("target", metavar="ID|ALL", nargs="?")
         if name == "queue":
             cmd.add_argument("--domain", help="only this recipient domain")
+        if (name, action) == ("queue", "delete"):
+            cmd.add_argument("--batch", metavar="ID", help="every queued message of this batch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         return daemon.worker(args.role, config_file, cfg)
     if args.command == "user":
         return admin.manage_users(cfg, args)
+    if args.command == "token":
+        return token.manage_tokens(cfg, args)
     if args.command == "dkim":
         return admin.dkim_keygen(args)
     spool = Spool(cfg.spool.path)
@@ -151,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[tuple[str, str], Callable[[Spool, argparse.Namespace], int]] = {
+    ("history", "rebuild"): history.rebuild,
     ("queue", "list"): queue.list_entries,
     ("queue", "show"): queue.show,
     ("queue", "summary"): queue.queue_summary,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,13 +42,18 @@ def item(msg: Message, where: str, why: list[Any] | None = None) -> dict[str, An
             iso(rcpt.last_attempt),
         )
         data["history"] = [{**h, "at": iso(h.get("at"))} for h in rcpt.history]
+        data["updated_at"] = iso(rcpt.last_attempt or msg.queued_at)
+        data["next_attempt"] = None if rcpt.final or msg.held else iso(msg.next_attempt)
         recipients.append(data)
     out: dict[str, Any] = {
         "id": msg.id,
+        "tenant": msg.tenant,
         "sender": msg.sender,
+        "batch_id": msg.batch_id,
         "recipients": recipients,
         "attempts": max((r.attempts for r in msg.recipients), default=0),
         "queued_at": iso(msg.queued_at),
+        "finished_at": None,  # the API's field: a queued message has not finished
         "size": msg.size,
         "lane": msg.lane,
     }
@@ -67,10 +73,8 @@ def item(msg: Message, where: str, why: list[Any] | None = None) -> dict[str, An
     return out
 
 
-DETAILS = {
-    "held": "on hold: relay queue release lets it go",
-    "quota": "over its sending quota until a window with room opens",
-}
+DETAILS = control.REASON_DETAILS
+BATCH_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # X-Relay-Batch-Id's grammar
 
 
 def waiting(msg: Message, now: float) -> list[Any]:
@@ -149,7 +153,8 @@ def show(spool: Spool, args: argparse.Namespace) -> int:
     where = QUEUE if args.command == "queue" else DEAD
     msg_id = checked_id(args.id, allow_all=False)
     msg = spool.load(msg_id, where)
-    data = item(msg, where)
+    live = control.inspect(spool, "reasons", [msg_id]) if where == QUEUE else None
+    data = item(msg, where, (live or {}).get(msg_id))
     data["client"] = msg.client
     data["content"] = str(spool.content_path(msg_id))
     data["headers"] = headers(spool.content_path(msg_id))
@@ -182,7 +187,9 @@ def checked_id(text: str | None, *, allow_all: bool) -> str:
 
 def act(spool: Spool, args: argparse.Namespace) -> int:
     """Queue and dead-letter actions, through the daemon (or the spool if it is stopped)."""
-    domain = getattr(args, "domain", None)
+    domain, batch = getattr(args, "domain", None), getattr(args, "batch", None)
+    if batch is not None:
+        return act_on_batch(spool, args, batch, domain)
     if args.target is None and domain is None and args.action != "flush":
         raise Fail(f"{args.command} {args.action}: give ID, ALL or --domain", EX_USAGE)
     target = checked_id(args.target, allow_all=True)
@@ -195,6 +202,19 @@ def act(spool: Spool, args: argparse.Namespace) -> int:
     else:
         result = control.request(spool, args.action, target, domain)
     return report(args.action, target, result)
+
+
+def act_on_batch(spool: Spool, args: argparse.Namespace, batch: str, domain: str | None) -> int:
+    """`relay queue delete --batch ID`: every queued message of the batch (scheduled ones
+    too), through the daemon or on the stopped spool."""
+    if args.target is not None:
+        raise Fail(f"{args.command} {args.action}: give ID|ALL or --batch, not both", EX_USAGE)
+    if not BATCH_RE.fullmatch(batch):
+        raise Fail(f"--batch: {batch!r} is not a batch id (1-64 of A-Z a-z 0-9 . _ -)", EX_USAGE)
+    if domain is not None:
+        domain = domain.lower().rstrip(".")
+    result = control.request(spool, args.action, ALL, domain, batch=batch)
+    return report(args.action, ALL, result)
 
 
 def delete_dead(spool: Spool, target: str) -> dict[str, list[str]]:

@@ -13,9 +13,12 @@ from typing import Any
 
 import yaml
 
+from relay.config.api import ApiConfig
 from relay.config.delivery import DeliveryConfig
 from relay.config.destinations import DEFAULT_LIMITS, Limits, destinations
 from relay.config.dkim import DkimConfig
+from relay.config.events import EventsConfig
+from relay.config.idempotency import IdempotencyConfig
 from relay.config.lanes import LanesConfig
 from relay.config.lifecycle import LifecycleConfig
 from relay.config.metrics import MetricsConfig
@@ -45,6 +48,9 @@ class Config:
     quotas: QuotasConfig = field(default_factory=QuotasConfig)
     # Transport rules by recipient domain: the MX hosts (the default) or smarthosts.
     routes: tuple[RouteRule, ...] = option(routes, ())
+    api: ApiConfig = field(default_factory=ApiConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
 
     def provider(self, mx_host: str | None) -> str:
         """The provider whose pattern matches mx_host first, else 'other'."""
@@ -81,7 +87,9 @@ class Config:
 
 
 # What a SIGHUP cannot change: the process must restart for these.
-RESTART_ONLY = ("smtp.listen", "smtp.submission", "smtp.smtps", "spool.path", "metrics.listen")
+RESTART_ONLY = (
+    "smtp.listen", "smtp.submission", "smtp.smtps", "spool.path", "metrics.listen", "api.listen",
+)  # fmt: skip
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
@@ -138,6 +146,11 @@ def _inconsistency(cfg: Config) -> str | None:
         return "smtp.submission/smtps require AUTH: set smtp.auth.users_file"
     if (cfg.smtp.submission or cfg.smtp.smtps) and tls.cert is None:
         return "smtp.submission/smtps need TLS (RFC 8314): set smtp.tls.cert and smtp.tls.key"
+    taken = (cfg.metrics.listen, *cfg.smtp.listen, *cfg.smtp.submission, *cfg.smtp.smtps)
+    if cfg.api.listen is not None and cfg.api.listen in taken:
+        return f"api.listen: {cfg.api.listen[0]}:{cfg.api.listen[1]} is another listener's address"
+    if cfg.idempotency.window > cfg.events.retention:
+        return "idempotency.window: longer than events.retention (keys are rebuilt from events)"
     providers = {"default", *cfg.provider_names()}
     for name, _ in cfg.destinations:
         if "." not in name and name not in providers:

@@ -1,6 +1,6 @@
-"""Daemon, the supervisor: the composition root, which recovers the spool, keeps the intake and
-scheduler processes running, restarts one that dies, serves the HTTP endpoint and reports
-readiness to systemd."""
+"""Daemon, the supervisor: the composition root, which recovers the spool, keeps the intake,
+scheduler and API processes running, restarts one that dies, serves the HTTP endpoint and
+reports readiness to systemd."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from relay import config
+from relay.api import tokens
 from relay.daemon.systemd import feed_watchdog, notify_reloading, notify_systemd
 from relay.daemon.workers import ROLES, STATUS_FD, SUPERVISOR_PID, worker
 from relay.intake import dkim, tls, users
 from relay.observe import logs, metrics
-from relay.observe.endpoint import Endpoint
 from relay.spool import reserve
 from relay.spool.layout import DEAD
 from relay.spool.run import DAEMON_LOCK, spool_lock
@@ -55,17 +55,22 @@ def serve(config_file: str | None, cfg: config.Config) -> int:
 
 
 def preflight(config_file: str | None, cfg: config.Config) -> list[str]:
-    """Load what the workers will load (certificate, users, DKIM keys), so that a bad file stops the
-    start with one line (ConfigError); returns warnings about secrets others can read."""
+    """Load what the workers will load (certificate, users, tokens, DKIM keys), so that a bad
+    file stops the start with one line (ConfigError); returns warnings about secrets others
+    can read."""
     tls.tls_context(cfg)
     dkim.signer(cfg.dkim)
-    users_file = cfg.smtp.auth.users_file
-    if users_file is not None:
-        try:
+    users_file, tokens_file = cfg.smtp.auth.users_file, cfg.api.tokens_file
+    try:
+        if users_file is not None:
             users.load(users_file)
-        except users.UsersError as exc:
-            raise config.ConfigError(f"smtp.auth.users_file: {exc}") from None
-    secrets_ = [p for p in (users_file, cfg.smtp.tls.key) if p is not None]
+        if tokens_file is not None:
+            tokens.load(tokens_file)
+    except users.UsersError as exc:
+        raise config.ConfigError(f"smtp.auth.users_file: {exc}") from None
+    except tokens.TokensError as exc:
+        raise config.ConfigError(f"api.tokens_file: {exc}") from None
+    secrets_ = [p for p in (users_file, tokens_file, cfg.smtp.tls.key) if p is not None]
     secrets_ += [key.key_file for key in cfg.dkim.keys]
     warnings = [problem for path in secrets_ if (problem := exposed(path, 0o007, "o-rwx"))]
     if config_file:  # like Postfix's main.cf: readable is fine, writable by others is not
@@ -94,12 +99,17 @@ class Supervisor:
         self.spool = spool
         self.metrics_dir = spool.run_path("metrics")
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        # The workers this daemon runs (the API's only while api.listen is set).
+        self.roles = tuple(r for r in ROLES if r != "api" or cfg.api.listen is not None)
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self.ready: set[str] = set()
         self.seen: dict[str, float] = {}
         self.buffer = b""
 
     async def run(self) -> int:
+        # Imported here: aiohttp stays out of the intake and scheduler (16 MiB each).
+        from relay.observe.endpoint import Endpoint
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.signals.put_nowait, sig)
@@ -111,27 +121,29 @@ class Supervisor:
         )
         endpoint = Endpoint(registry, self.not_ready)
         try:
-            server = await endpoint.start(*self.cfg.metrics.listen)
+            await endpoint.start(*self.cfg.metrics.listen)
         except OSError as exc:
             logs.failure("supervisor", exc, action="listen", listen=self.cfg.metrics.listen)
             return 1
         read_fd, self.write_fd = os.pipe()
         loop.add_reader(read_fd, self._on_status, read_fd)
-        for role in ROLES:
+        for role in self.roles:
             await self._spawn(role)
         if not await self._await_ready():
             await self._terminate(grace=0.0)
+            await endpoint.stop()
             return 1
         logs.event(
             "ready",
             pid=os.getpid(),
             metrics=f"{self.cfg.metrics.listen[0]}:{self.cfg.metrics.listen[1]}",
+            api=f"{api[0]}:{api[1]}" if (api := self.cfg.api.listen) else None,
         )
         notify_systemd("READY=1", f"STATUS=relaying, pid {os.getpid()}")
         watchdog = asyncio.ensure_future(feed_watchdog(self.problems))
         await self._supervise()
         watchdog.cancel()
-        server.close()
+        await endpoint.stop()
         logs.event("stopped")
         return 0
 
@@ -150,7 +162,7 @@ class Supervisor:
         """Why the relay is not ready (for /readyz and the watchdog); empty when it is."""
         out = []
         now = time.monotonic()
-        for role in ROLES:
+        for role in self.roles:
             if role not in self.ready:
                 out.append(f"{role}: not started")
             elif now - self.seen.get(role, 0.0) > STALE:
@@ -190,10 +202,10 @@ class Supervisor:
     async def _await_ready(self) -> bool:
         """Every worker must report ready before any of them exits or START_TIMEOUT passes."""
         deadline = time.monotonic() + START_TIMEOUT
-        while self.ready != set(ROLES):
+        while self.ready != set(self.roles):
             exited = [r for r, p in self.children.items() if p.returncode is not None]
             if exited or time.monotonic() > deadline or not self.signals.empty():
-                failed = exited or sorted(set(ROLES) - self.ready)
+                failed = exited or sorted(set(self.roles) - self.ready)
                 logs.event("error", level="error", failed=failed, error="worker did not start")
                 return False
             await asyncio.sleep(0.02)
@@ -201,7 +213,7 @@ class Supervisor:
 
     async def _supervise(self) -> None:
         """Until SIGTERM: restart exited workers with backoff, reload on SIGHUP."""
-        restarts = dict.fromkeys(ROLES, 0)
+        restarts = dict.fromkeys(self.roles, 0)
         while True:
             waits = {asyncio.ensure_future(p.wait()): role for role, p in self.children.items()}
             sig = asyncio.ensure_future(self.signals.get())

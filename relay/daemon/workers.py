@@ -1,5 +1,5 @@
-"""Daemon, the workers: the entry point of the intake and scheduler processes the supervisor
-starts, and what both share (config, signals, reloads, a graceful stop, the status pipe)."""
+"""Daemon, the workers: the entry point of the intake, scheduler and API processes the supervisor
+starts, and what they share (config, signals, reloads, a graceful stop, the status pipe)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from relay import config
 from relay.delivery.agent import SmtpAgent
+from relay.history import ingest
+from relay.history.store import History
 from relay.intake import listeners
 from relay.intake.handler import IntakeHandler
 from relay.intake.notifier import Notifier
@@ -27,7 +29,7 @@ from relay.schedule.wake import listen_wake
 from relay.spool.run import SCHEDULER_LOCK, WAKE_SOCKET, spool_lock
 from relay.spool.store import Spool
 
-ROLES = ("intake", "scheduler")
+ROLES = ("intake", "scheduler", "api")  # api only while api.listen is set
 STATUS_FD = "RELAY_STATUS_FD"
 SUPERVISOR_PID = "RELAY_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
@@ -36,7 +38,10 @@ HEARTBEAT = 1.0  # workers report "alive" this often
 # Accepting is what a client waits on; delivery can wait a moment: when both want the CPU the
 # intake gets it first (the scheduler runs at this nice value, the intake at the daemon's).
 SCHEDULER_NICE = 5
+# The API yields to both: a slow client or a big query never takes the CPU from mail.
+API_NICE = 10
 GC_YOUNG = 20_000  # container allocations between collections of the youngest generation
+T = TypeVar("T")
 
 
 def worker(role: str, config_file: str | None, cfg: config.Config) -> int:
@@ -44,17 +49,17 @@ def worker(role: str, config_file: str | None, cfg: config.Config) -> int:
     logs.configure(role)
     _die_with_parent()
     _tune_gc()
-    if role == "scheduler":
-        os.nice(SCHEDULER_NICE)
+    os.nice({"scheduler": SCHEDULER_NICE, "api": API_NICE}.get(role, 0))
     runner: Callable[[Worker], Coroutine[Any, Any, int]] = {
         "intake": run_intake,
         "scheduler": run_scheduler,
+        "api": run_api,
     }[role]
     return asyncio.run(runner(Worker(role, config_file, cfg)))
 
 
 class Worker:
-    """What both workers share: their config, signals, and the status pipe to the supervisor."""
+    """What the workers share: their config, signals, and the status pipe to the supervisor."""
 
     def __init__(self, role: str, config_file: str | None, cfg: config.Config) -> None:
         self.role = role
@@ -164,16 +169,55 @@ async def run_intake(w: Worker) -> int:
 
 
 async def _bind(handler: IntakeHandler) -> list[asyncio.Server] | None:
+    return await _retry_bind("intake", lambda: listeners.serve(handler))
+
+
+async def _retry_bind(role: str, bind: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
     deadline = time.monotonic() + BIND_RETRY
     while True:
         try:
-            return await listeners.serve(handler)
+            return await bind()
         except OSError as exc:
             # A predecessor orphaned by a killed supervisor may still be closing its sockets.
             if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
-                logs.failure("intake", exc, action="listen")
+                logs.failure(role, exc, action="listen")
                 return None
             await asyncio.sleep(0.2)
+
+
+async def run_api(w: Worker) -> int:
+    """The HTTP API on api.listen; its own process, so that no request slows mail down."""
+    # Imported here: aiohttp costs the other workers 16 MiB and a quarter second each.
+    from relay.api.app import Server
+
+    w.listen_for_signals()
+    listen = w.cfg.api.listen
+    history = History(w.spool.history_path)
+    server = Server(w.cfg, history)
+    if listen is not None and await _retry_bind("api", lambda: server.start(*listen)) is None:
+        await server.stop()
+        history.close()
+        return 1
+    done = asyncio.Event()
+    following = asyncio.ensure_future(
+        ingest.follow(history, w.spool.events_dir, lambda: w.cfg.events.retention, done)
+    )
+    # api.listen emptied since the start (restart-only): this process serves nothing.
+    w.ready(listen=f"{listen[0]}:{listen[1]}" if listen else None)
+    beat = asyncio.ensure_future(w.heartbeat())
+
+    async def reload(cfg: config.Config) -> None:
+        server.reconfigure(cfg)
+
+    await w.until_stop(reload)
+    logs.event("stopping", grace=w.cfg.lifecycle.grace)
+    await server.stop()  # requests in flight finish, up to the grace period
+    done.set()
+    await following
+    history.close()
+    beat.cancel()
+    logs.event("stopped")
+    return 0
 
 
 async def run_scheduler(w: Worker) -> int:

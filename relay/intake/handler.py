@@ -5,6 +5,7 @@ message's checks, directives, lane and quotas, its Received: header and DKIM sig
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import time
 from collections.abc import Callable
@@ -13,15 +14,18 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Config
-from relay.intake import admission, checks, directives, dkim, quota
+from relay.intake import admission, checks, directives, dkim, idempotency, quota
 from relay.intake.checks import peer_ip, reject
 from relay.intake.data import Draft, pieces
 from relay.intake.internals import hook_names
 from relay.intake.registry import Registry
 from relay.intake.session import REPLY_SHUTTING_DOWN, RelaySMTP
 from relay.intake.tls import tls_context
+from relay.mail.events import DEFAULT_TENANT
 from relay.observe import logs, metrics
 from relay.spool.groupcommit import GroupCommit
+from relay.spool.journal import INTAKE
+from relay.spool.keys import KeyIndex
 from relay.spool.message import Message, Recipient, new_id
 from relay.spool.run import QUOTA_LEDGER
 from relay.spool.spill import Content
@@ -47,8 +51,12 @@ class IntakeHandler:
         self.notify = notify
         self.registry = Registry(cfg, spool.spill)
         self.ledger = quota.Ledger(spool.run_path(QUOTA_LEDGER))
+        # Each message's `received` event is written with it, by the group commit.
+        spool.open_journal(INTAKE)
         # Sessions finishing DATA together share one flush (docs/architecture.md invariant 1).
         self.commits: GroupCommit[tuple[Message, Content | None]] = GroupCommit(spool.accept_batch)
+        # One message per idempotency key: the keys the spool holds come in while mail flows.
+        self.keys = idempotency.Idempotency(KeyIndex(cfg.idempotency.window), spool)
         self.configure(cfg)
 
     def configure(self, cfg: Config) -> None:
@@ -58,6 +66,9 @@ class IntakeHandler:
         self.tls = tls_context(cfg)
         self.signer = dkim.signer(cfg.dkim)
         self.registry.auth.reread()
+        self.keys.window = cfg.idempotency.window
+        with contextlib.suppress(RuntimeError):  # no loop yet: the first claim starts it
+            self.keys.start()
 
     async def drain(self, grace: float) -> int:
         """Stop taking mail, then cut what is still open at grace (Registry.drain)."""
@@ -142,24 +153,77 @@ class IntakeHandler:
         except directives.DirectiveError as exc:
             return reject("bad_directive", str(exc), session)
         msg = self._message(session, envelope, len(head) + draft.body_size)
-        if asked.send_at is not None and asked.send_at > msg.queued_at:
-            msg.send_at = msg.next_attempt = asked.send_at
-        msg.lane = asked.priority or admission.lane(self.cfg, session, server.listener)
-        quotas = admission.quotas(self.cfg, session, msg.sender)
-        place, refusal = await admission.reserve(self.ledger, self.cfg, msg, quotas, session)
+        claim = None
+        if asked.idempotency_key is not None:
+            claim = await self._claim(msg, envelope, draft, asked.idempotency_key)
+            if claim.outcome != idempotency.NEW:
+                return self._known(claim, session)
+        try:
+            quotas, place, refusal = await self._admit(server, session, msg, asked)
+            header = received_header(self.cfg.smtp.hostname, server, session, envelope, msg.id)
+        except BaseException:
+            self._settle(claim, None)  # else a retry with the key would wait for it forever
+            raise
         if refusal:
+            self._settle(claim, None)
             return refusal
-        header = received_header(self.cfg.smtp.hostname, server, session, envelope, msg.id)
-        if not await asyncio.shield(self._store(msg, header, head, draft)):
+        if not await asyncio.shield(self._store(msg, header, head, draft, claim)):
             await admission.release(self.ledger, quotas, place)
             return REPLY_LOCAL_ERROR
         self._accepted(msg, session, envelope, place, started)
         return REPLY_QUEUED.format(msg.id)
 
-    async def _store(self, msg: Message, header: bytes, head: bytes, draft: Draft) -> bool:
+    async def _admit(
+        self, server: RelaySMTP, session: Session, msg: Message, asked: directives.Directives
+    ) -> tuple[quota.Quotas, quota.Decision, str | None]:
+        """The directives applied to msg, its lane, its quotas' reservation (or refusal)."""
+        msg.batch_id = asked.batch_id
+        if asked.send_at is not None and asked.send_at > msg.queued_at:
+            msg.send_at = msg.next_attempt = asked.send_at
+        msg.lane = asked.priority or admission.lane(self.cfg, session, server.listener)
+        quotas = admission.quotas(self.cfg, session, msg.sender)
+        place, refusal = await admission.reserve(self.ledger, self.cfg, msg, quotas, session)
+        return quotas, place, refusal
+
+    async def _claim(
+        self, msg: Message, envelope: Envelope, draft: Draft, key: str
+    ) -> idempotency.Claim:
+        """The key's claim for msg's tenant, on the hash of what the client submitted (read
+        back in a thread when the body was spilled to disk)."""
+        data = idempotency.smtp_data(draft.head, pieces(draft.parts))
+        rcpts = envelope.rcpt_tos
+        if draft.spill is None:
+            digest = idempotency.content_hash(msg.sender, rcpts, data)
+        else:
+            digest = await asyncio.to_thread(idempotency.content_hash, msg.sender, rcpts, data)
+        claim = await self.keys.claim(msg.tenant, key, digest)
+        msg.idempotency_key, msg.content_hash = key, digest
+        return claim
+
+    def _known(self, claim: idempotency.Claim, session: Session) -> str:
+        """The reply to a key already used: its message's id, or the refusal of a conflict."""
+        if claim.outcome == idempotency.REPLAY:
+            return REPLY_QUEUED.format(claim.msg_id)
+        reply = idempotency.REPLY_CONFLICT.format(claim.key[:64])
+        return reject("idempotency_conflict", reply, session, tenant=claim.tenant)
+
+    def _settle(self, claim: idempotency.Claim | None, msg_id: str | None) -> None:
+        if claim is not None:
+            self.keys.settle(claim, msg_id)
+
+    async def _store(
+        self,
+        msg: Message,
+        header: bytes,
+        head: bytes,
+        draft: Draft,
+        claim: idempotency.Claim | None,
+    ) -> bool:
         """Sign the message and write it durably; False (logged and counted) if that failed.
-        Shielded by the caller: a session cut meanwhile does not leave half a message."""
+        Shielded by the caller: a session cut meanwhile does not leave half a message, and the
+        idempotency claim is settled when the write ends, whatever became of the session."""
         body, spilled = draft.parts, draft.spill is not None  # before the session may let go
+        stored = False
         try:
             # DKIM signs what leaves; our Received: is not among the signed fields.
             if self.signer is not None and draft.whole_head:
@@ -170,10 +234,12 @@ class IntakeHandler:
             if spilled:  # large: copied in a thread of its own, not in the batch
                 await asyncio.to_thread(self.spool.write_content, msg.id, content)
             await self.commits.submit((msg, None if spilled else content))
+            stored = True
         except Exception as exc:  # disk full, permissions, a bug: never a 5xx (invariant 2)
             self._local_error(exc, id=msg.id)
-            return False
-        return True
+        finally:
+            self._settle(claim, msg.id if stored else None)
+        return stored
 
     def _accepted(
         self,
@@ -190,7 +256,7 @@ class IntakeHandler:
         logs.event(
             "received", id=msg.id, sender=msg.sender, rcpts=envelope.rcpt_tos,
             size=msg.size, client=peer_ip(session), user=session.auth_data, send_at=msg.send_at,
-            lane=msg.lane, quota_until=msg.quota_until,
+            lane=msg.lane, quota_until=msg.quota_until, tenant=msg.tenant, batch_id=msg.batch_id,
         )  # fmt: skip
         if msg.quota_until is not None:
             metrics.QUOTA_HELD.labels("held").inc()
@@ -213,6 +279,7 @@ class IntakeHandler:
             size=size,
             smtputf8=envelope.smtp_utf8,
             client={"ip": peer_ip(session), "helo": session.host_name or ""},
+            tenant=str(session.auth_data) if session.authenticated else DEFAULT_TENANT,
         )
 
 

@@ -8,17 +8,18 @@ from typing import Any
 
 import structlog
 
+from relay.mail import events
 from relay.mail.reply import Reply
 
-# The whole vocabulary; every event the relay logs is one of these words.
-EVENTS = frozenset(
+# The whole vocabulary; every event the relay logs is one of these words. A change of a message
+# or recipient is logged under its event's name (relay.mail.events, docs/events.md).
+EVENTS = events.NAMES | frozenset(
     {
         # mail flow
-        "received", "rejected", "attempt", "delivered", "deferred", "failed", "expired",
-        "retry_scheduled", "dead_lettered", "quota_held", "throttle_changed",
+        "rejected", "attempt", "retry_scheduled", "quota_held", "throttle_changed",
         "dns_query_failed",
         # operator actions
-        "requeued", "deleted", "flushed", "held", "released", "reloaded", "reload_failed",
+        "flushed", "reloaded", "reload_failed",
         # access
         "authenticated", "auth_failed", "insecure_permissions", "tls_failed",
         # what a library logs through Python's logging (aiosmtpd, asyncio), as JSON too

@@ -1,6 +1,6 @@
 """Schedule, operator actions on the live queue: flush, delete, hold, release and requeue, each
 applied to a message in flight only when its attempt ends, so it is delivered or deleted, never
-both."""
+both, and journaled before it is written (shared with the CLI on a stopped spool: change())."""
 
 from __future__ import annotations
 
@@ -9,18 +9,41 @@ import contextlib
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
+from typing import Any
 
+from relay.mail import events
 from relay.mail.target import expand
 from relay.observe import logs
 from relay.schedule.actions import PAST, apply, selects
 from relay.schedule.dispatch import Dispatch
 from relay.schedule.index import Index, pending_domains
+from relay.spool.journal import SCHEDULER, Journal
 from relay.spool.message import Message
 from relay.spool.store import Spool, SpoolError
 
 # An operator action on a message in flight waits this long for its attempt to end.
 SETTLE_TIMEOUT = 15.0
 Result = dict[str, list[str]]
+# The event (and log line) of each action that changes a message; flush has none (it changes
+# only when a message is tried).
+EVENT_OF = {"delete": events.CANCELLED, "hold": events.HELD, "release": events.RELEASED}
+
+
+def change(journal: Journal, op: str, msg: Message, domain: str | None, now: float) -> bool:
+    """Apply op to msg (relay.schedule.actions.apply) and append its events to the journal,
+    before the caller writes msg's state (or removes it: True). delete's event is `cancelled`,
+    one per recipient it cancels; hold and release have one each; flush none."""
+    cancelled = []
+    if op == "delete":
+        cancelled = [r for r in msg.pending() if domain is None or r.domain == domain]
+        for rcpt in cancelled:
+            rcpt.status = "deleted"
+    gone = apply(op, msg, domain, now)
+    if op == "delete":
+        journal.append([events.record(events.CANCELLED, msg, now, r) for r in cancelled])
+    elif op in EVENT_OF:
+        journal.append([events.record(EVENT_OF[op], msg, now)])
+    return gone
 
 
 class Operations:
@@ -30,6 +53,7 @@ class Operations:
         self.spool = spool
         self.dispatch = dispatch
         self.index: Index = dispatch.index
+        self.journal = spool.open_journal(SCHEDULER)
         self.waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
 
     async def operate(self, op: str, target: str, domain: str | None) -> Result:
@@ -56,14 +80,38 @@ class Operations:
             if not selects(msg, domain):
                 self._update(msg)
                 return "skipped"
-            if apply(op, msg, domain, time.time()):
+            if change(self.journal, op, msg, domain, time.time()):
                 await asyncio.to_thread(self.spool.remove, msg_id)
                 self.dispatch.drop(msg_id)
             else:
                 await asyncio.to_thread(self.spool.save, msg)
                 self._update(msg)
-        logs.event(PAST[op], id=msg_id, domain=domain)
+        logs.event(EVENT_OF.get(op, PAST[op]), id=msg_id, domain=domain)
         return "done"
+
+    async def cancel(self, msg_id: str, tenant: str | None) -> dict[str, Any]:
+        """The API's DELETE: cancel every pending recipient of msg_id, after its attempt in
+        flight, if any, ends. outcome: done (with the addresses cancelled and those that had
+        ended, and how), busy (still in its attempt), missing (not queued: unknown, ended, or
+        another tenant's)."""
+        if not await self._settled(msg_id):
+            return {"outcome": "busy"}
+        async with self._claim(msg_id):
+            try:
+                msg = await asyncio.to_thread(self.spool.load, msg_id)
+            except SpoolError:
+                self.dispatch.drop(msg_id)
+                return {"outcome": "missing"}
+            if tenant is not None and msg.tenant != tenant:
+                return {"outcome": "missing"}
+            cancelled = [r.address for r in msg.pending()]
+            ended = [{"address": r.address, "status": events.FINISHED.get(r.status, r.status)}
+                     for r in msg.recipients if r.final]  # fmt: skip
+            change(self.journal, "delete", msg, None, time.time())
+            await asyncio.to_thread(self.spool.remove, msg_id)
+            self.dispatch.drop(msg_id)
+        logs.event(events.CANCELLED, id=msg_id, domain=None)
+        return {"outcome": "done", "cancelled": cancelled, "ended": ended}
 
     async def requeue(self, msg_id: str) -> str:
         """Bring a dead-letter record back into the queue, due now: 'done', 'busy', 'missing'."""
@@ -76,7 +124,7 @@ class Operations:
                 return "missing"
             self.dispatch.drop(msg_id)
             self.index.add(msg)
-        logs.event("requeued", id=msg_id)
+        logs.event(events.REQUEUED, id=msg_id)
         return "done"
 
     def ended(self, msg_id: str) -> None:

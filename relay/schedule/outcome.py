@@ -1,6 +1,6 @@
-"""Schedule, applying an outcome: each recipient's result recorded, counted and logged, then the
-message finished, scheduled for its next attempt by the backoff, or expired into the dead
-letters."""
+"""Schedule, applying an outcome: each recipient's result recorded, counted, logged and
+journaled, then the message finished, scheduled for its next attempt by the backoff, or expired
+into the dead letters."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import time
 
 from relay.config.model import Config
 from relay.delivery.courier import RecipientResult
+from relay.mail import events
 from relay.mail.reply import Verdict, classify
 from relay.observe import logs, metrics
 from relay.schedule.backoff import next_delay
 from relay.schedule.dispatch import Dispatch
 from relay.schedule.index import Entry, Index, pending_domains
 from relay.spool.groupcommit import GroupCommit
+from relay.spool.journal import SCHEDULER
 from relay.spool.message import Message, Recipient
 from relay.spool.store import Spool
 
@@ -40,12 +42,18 @@ class Outcomes:
         self.dispatch = dispatch
         self.rng = rng
         self.removals: GroupCommit[str] = GroupCommit(spool.remove_batch)
+        # Every change's event is appended before its state is written; the spool makes the
+        # events durable first (docs/events.md "Durability").
+        self.journal = spool.open_journal(SCHEDULER)
+        # The next attempt of a message's current round, drawn at its first deferral so that
+        # the `deferred` events and the state agree: id -> (the round's message, due or None).
+        self.planned: dict[str, tuple[Message, float | None]] = {}
 
     def record(
         self, msg: Message, rcpt: Recipient, result: RecipientResult, started: float, provider: str
     ) -> None:
         """rcpt's result for the attempt started at `started`: its status and history, the
-        counters, and a log line."""
+        counters, a log line and its event (made durable with the state that follows)."""
         verdict = classify(result.reply).verdict
         rcpt.record(started, STATUS_OF[verdict], result.reply, result.mx, result.ip, result.tls)
         metrics.ATTEMPTS.labels(OUTCOME_OF[rcpt.status], provider).inc()
@@ -53,9 +61,12 @@ class Outcomes:
             metrics.DEFERRALS.labels(provider).inc()
         elif rcpt.status == "delivered":
             metrics.RECIPIENTS.labels("delivered").inc()
+        name = events.OF_ATTEMPT[rcpt.status]
+        extra = {"next_attempt": events.iso(self._plan(msg))} if name == events.DEFERRED else {}
+        self.journal.append([events.record(name, msg, started, rcpt, result, **extra)])
         # One line per recipient and attempt: enough to answer "where is my message" by grep.
         logs.event(
-            rcpt.status, id=msg.id, rcpt=rcpt.address, mx=result.mx, ip=result.ip,
+            name, id=msg.id, rcpt=rcpt.address, mx=result.mx, ip=result.ip,
             tls=result.tls, tls_verified=result.tls_verified, tls_report=result.tls_report,
             reply=result.reply, outcome=verdict.value, attempt=rcpt.attempts,
             delay=round(time.time() - msg.queued_at, 3),
@@ -64,16 +75,17 @@ class Outcomes:
     async def conclude(self, entry: Entry, msg: Message) -> None:
         """After every domain of this attempt: finish, expire, or schedule the next attempt."""
         pending = msg.pending()
+        plan = self.planned.pop(msg.id, None)
         if not pending:
             await self._forget(entry, msg)
             return
         now = time.time()
+        due = plan[1] if plan is not None and plan[0] is msg else self._due(msg, now)
         msg.attempts += 1
-        delay = next_delay(msg.attempts, now - msg.born, self.cfg.delivery.retry, self.rng)
-        if delay is None:
+        if due is None:
             await self._expire(entry, msg, pending)
             return
-        msg.next_attempt = now + delay
+        msg.next_attempt = due
         await asyncio.to_thread(self.spool.save, msg)
         logs.event(
             "retry_scheduled", id=msg.id, attempts=msg.attempts,
@@ -83,19 +95,40 @@ class Outcomes:
         entry.domains = pending_domains(msg)
         self.index.schedule(entry, msg.next_attempt)
 
+    def _plan(self, msg: Message) -> float | None:
+        """When the next attempt of msg's current round is due, None if it expires instead:
+        drawn once a round (the backoff's jitter), at its first deferral."""
+        plan = self.planned.get(msg.id)
+        if plan is None or plan[0] is not msg:
+            plan = self.planned[msg.id] = (msg, self._due(msg, time.time()))
+        return plan[1]
+
+    def _due(self, msg: Message, now: float) -> float | None:
+        """The next attempt after this round's, by the retry schedule; None once expired."""
+        retry = self.cfg.delivery.retry
+        delay = next_delay(msg.attempts + 1, now - msg.born, retry, self.rng)
+        return None if delay is None else now + delay
+
     async def _expire(self, entry: Entry, msg: Message, pending: list[Recipient]) -> None:
+        now = time.time()
         for rcpt in pending:
             rcpt.status = "expired"
-            logs.event("expired", id=msg.id, rcpt=rcpt.address, reply=rcpt.reply, mx=rcpt.mx)
+            logs.event(events.EXPIRED, id=msg.id, rcpt=rcpt.address, reply=rcpt.reply, mx=rcpt.mx)
+        self.journal.append([events.record(events.EXPIRED, msg, now, r) for r in pending])
         await asyncio.to_thread(self.spool.save, msg)
         await self.dead_letter(msg, pending, "expired")
         await self._forget(entry)
 
     async def dead_letter(self, msg: Message, rcpts: list[Recipient], reason: str) -> None:
-        """Merge msg's failed recipients into its dead-letter record, counted and logged."""
+        """Merge msg's failed recipients into its dead-letter record, counted, logged and
+        journaled."""
+        addresses = [r.address for r in rcpts]
+        self.journal.append(
+            [events.record(events.DEAD_LETTERED, msg, time.time(), rcpts=addresses, reason=reason)]
+        )
         await asyncio.to_thread(self.spool.dead_letter, msg)
         metrics.RECIPIENTS.labels(RESULT_OF[rcpts[0].status]).inc(len(rcpts))
-        logs.event("dead_lettered", id=msg.id, rcpts=[r.address for r in rcpts], reason=reason)
+        logs.event(events.DEAD_LETTERED, id=msg.id, rcpts=addresses, reason=reason)
 
     async def _forget(self, entry: Entry, msg: Message | None = None) -> None:
         """Drop a finished message from the queue and the index; removals finishing together

@@ -4,6 +4,7 @@ the index and the destinations for the control server."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from relay.config.throttle import ThrottleConfig
@@ -12,15 +13,23 @@ from relay.schedule.index import Entry, Index
 from relay.schedule.shaping import Destination, Ready
 
 
-def reasons(index: Index, destinations: Destinations) -> dict[str, list[Any]]:
-    """Per queued message: [reason, expected attempt (UTC epoch) or None, detail or None];
-    reasons are active, held, queued, scheduled, quota, deferred, throttled, suspended."""
+def reasons(
+    index: Index, destinations: Destinations, ids: Iterable[str] | None = None
+) -> dict[str, list[Any]]:
+    """Per queued message (or only those of ids the index holds: one page of the API's):
+    [reason, expected attempt (UTC epoch) or None, detail or None]; reasons are active, held,
+    queued, scheduled, quota, deferred, throttled, suspended."""
     now, wall_now = time.monotonic(), time.time()
     out: dict[str, list[Any]] = {}
-    for msg_id, entry in index.entries.items():
+    chosen = index.entries.items() if ids is None else _known(index, ids)
+    for msg_id, entry in chosen:
         reason, at, detail = _reason(entry, destinations, now)
         out[msg_id] = [reason, None if at is None else round(wall_now + at - now, 3), detail]
     return out
+
+
+def _known(index: Index, ids: Iterable[str]) -> list[tuple[str, Entry]]:
+    return [(i, e) for i in ids if (e := index.get(i)) is not None]
 
 
 def _reason(

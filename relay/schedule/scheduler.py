@@ -74,9 +74,10 @@ class Scheduler:
         """A wake-up from intake: adopt msg_id on the next turn of the loop, with its peers."""
         self.scanner.notice(msg_id)
 
-    def reasons(self) -> dict[str, list[Any]]:
-        """Per queued message: [reason, expected attempt (UTC epoch) or None, detail or None]."""
-        return reasons.reasons(self.index, self.destinations)
+    def reasons(self, ids: list[str] | None = None) -> dict[str, list[Any]]:
+        """Per queued message (or those of ids that are queued): [reason, expected attempt
+        (UTC epoch) or None, detail or None]."""
+        return reasons.reasons(self.index, self.destinations, ids)
 
     def destination_report(self) -> list[dict[str, Any]]:
         """Destinations that are busy, throttled, suspended or have mail waiting (summary)."""
@@ -85,6 +86,10 @@ class Scheduler:
     async def operate(self, op: str, target: str, domain: str | None) -> Result:
         """flush, delete, hold or release target ("ALL" or an id) (Operations.operate)."""
         return await self.operations.operate(op, target, domain)
+
+    async def cancel(self, msg_id: str, tenant: str | None) -> dict[str, Any]:
+        """Cancel every pending recipient of msg_id (Operations.cancel)."""
+        return await self.operations.cancel(msg_id, tenant)
 
     async def requeue(self, msg_id: str) -> str:
         """Bring a dead-letter record back into the queue, due now: 'done', 'busy', 'missing'."""

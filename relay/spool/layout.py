@@ -17,6 +17,8 @@ MSG = "msg"
 TMP = "tmp"
 CORRUPT = "corrupt"
 RUN = "run"
+EVENTS = "events"  # the event journal (relay.spool.journal, docs/events.md)
+HISTORY = "history"  # the message history (relay.history, docs/events.md)
 STATE_SUFFIX = ".json"
 
 
@@ -30,7 +32,7 @@ class Layout:
 
     def prepare(self) -> None:
         """Create the directory tree (0700) if it does not exist yet."""
-        for name in (QUEUE, DEAD, MSG, TMP, CORRUPT, RUN):
+        for name in (QUEUE, DEAD, MSG, TMP, CORRUPT, RUN, EVENTS, HISTORY):
             (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def content_path(self, msg_id: str) -> Path:
@@ -43,6 +45,16 @@ class Layout:
         """state_path() as a plain string: pathlib's joins cost a fifth of indexing a large
         queue, so load() uses this."""
         return f"{self.root}/{where}/{msg_id}{STATE_SUFFIX}"
+
+    @property
+    def events_dir(self) -> Path:
+        """The event journal's files (relay.spool.journal)."""
+        return self.root / EVENTS
+
+    @property
+    def history_path(self) -> Path:
+        """The message history's SQLite file (relay.history)."""
+        return self.root / HISTORY / "history.sqlite"
 
     def run_path(self, name: str) -> Path:
         return self.root / RUN / name

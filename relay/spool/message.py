@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.mail.events import DEFAULT_TENANT
 from relay.mail.reply import Reply
 
 FORMAT_VERSION = 1
@@ -105,6 +106,12 @@ class Message:
     send_at: float | None = None  # X-Relay-Send-At: not attempted before this UTC time
     lane: str = "normal"  # priority lane: high | normal | low
     quota_until: float | None = None  # over its sending quota: not attempted before this time
+    tenant: str = DEFAULT_TENANT  # the SMTP AUTH user that submitted it, else "default"
+    batch_id: str | None = None  # X-Relay-Batch-Id: the application's batch
+    # X-Relay-Idempotency-Key (the API's Idempotency-Key) and the hash of the content it
+    # was given with (docs/spool.md "Idempotency keys"); None without a key.
+    idempotency_key: str | None = None
+    content_hash: str | None = None
 
     @property
     def born(self) -> float:
@@ -155,6 +162,10 @@ class Message:
             send_at=data.get("send_at"),
             lane=str(data.get("lane", "normal")),
             quota_until=data.get("quota_until"),
+            tenant=str(data.get("tenant") or DEFAULT_TENANT),
+            batch_id=data.get("batch_id"),
+            idempotency_key=data.get("idempotency_key"),
+            content_hash=data.get("content_hash"),
         )
 
 

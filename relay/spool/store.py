@@ -1,5 +1,6 @@
 """Spool, the store: the on-disk queue (content, state, dead letters) and its atomic
-transitions; every write goes through relay.spool.durable."""
+transitions, each after the events that describe it (relay.spool.journal); every write goes
+through relay.spool.durable."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import secrets
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from relay.mail import events
 from relay.spool import recovery
 from relay.spool.durable import flush, fsync_dir, read, unlink, write_all
+from relay.spool.journal import Journal
 from relay.spool.layout import DEAD, MSG, QUEUE, TMP, Layout
 from relay.spool.message import Message, encode
 from relay.spool.spill import Content, Spill
@@ -30,6 +34,22 @@ class CorruptEntry(SpoolError):
 
 class Spool(Layout):
     """A spool directory; see docs/spool.md for the format and the order of every write."""
+
+    journal: Journal | None = None  # this process's events, once open_journal() named it
+
+    def open_journal(self, writer: str) -> Journal:
+        """This process's event journal, as writer (intake, scheduler, cli-<pid>; opened once).
+        From then on every change of a state file first makes the events appended before it
+        durable (docs/events.md "Durability"); the intake's are flushed by its group commit."""
+        if self.journal is None:
+            self.journal = Journal(self.events_dir, writer, self.root / TMP)
+        elif self.journal.writer != writer:
+            raise ValueError(f"the journal is open as {self.journal.writer}, not {writer}")
+        return self.journal
+
+    def _sync_journal(self) -> None:
+        if self.journal is not None:
+            self.journal.sync()
 
     # --- intake ------------------------------------------------------------------------------
 
@@ -55,8 +75,10 @@ class Spool(Layout):
         never acknowledged; recover() removes it) and each state to tmp/; one syncfs makes
         them and msg/'s entries durable; only then are the states renamed into queue/ and
         queue/ fsync'd. A state file therefore never appears before its content is durable
-        (docs/architecture.md invariant 1). A content of None was written by write_content().
-        A result per message: None, or its error."""
+        (docs/architecture.md invariant 1). Each message's `received` event is appended to the
+        journal before the syncfs, which makes it durable with the message (docs/events.md).
+        A content of None was written by write_content(). A result per message: None, or its
+        error."""
         results: list[Failure] = [None] * len(batch)
         staged: list[tuple[int, str, Path]] = []
         for index, (msg, content) in enumerate(batch):
@@ -68,6 +90,7 @@ class Spool(Layout):
                 results[index] = exc
                 self._discard(msg.id)
         try:
+            self._received([batch[index][0] for index, _, _ in staged])
             self._commit(staged)
         except OSError as exc:
             for index, msg_id, state in staged:
@@ -76,11 +99,22 @@ class Spool(Layout):
                 self._discard(msg_id)
         return results
 
+    def _received(self, msgs: list[Message]) -> None:
+        """The `received` events of messages about to be committed, in one write."""
+        if self.journal is not None and msgs:
+            now = time.time()
+            self.journal.append([events.record(events.RECEIVED, msg, now, **keyed(msg))
+                                 for msg in msgs])  # fmt: skip
+
     def _commit(self, staged: list[tuple[int, str, Path]]) -> None:
         written = [
             path for _, msg_id, state in staged for path in (self.content_path(msg_id), state)
         ]
+        if self.journal is not None and self.journal.path is not None:
+            written.append(self.journal.path)  # where syncfs is missing: fsync'd with the rest
         flush(self.root, written, self.root / MSG)
+        if self.journal is not None:
+            self.journal.durable()
         for _, msg_id, state in staged:
             os.replace(state, self.state_path(msg_id))
         fsync_dir(self.root / QUEUE)
@@ -166,12 +200,14 @@ class Spool(Layout):
 
     def remove(self, msg_id: str, where: str = QUEUE) -> None:
         """Remove a queue or dead-letter entry; its content goes when no other entry needs it."""
+        self._sync_journal()
         self._unlink_entry(msg_id, where)
         fsync_dir(self.root / where)
 
     def remove_batch(self, ids: Sequence[str]) -> list[Failure]:
         """remove() for many finished queue entries with one directory fsync for all."""
         results: list[Failure] = [None] * len(ids)
+        self._sync_journal()
         for index, msg_id in enumerate(ids):
             try:
                 self._unlink_entry(msg_id, QUEUE)
@@ -190,7 +226,8 @@ class Spool(Layout):
         """Move a dead-letter record's recipients back into the queue, due now.
 
         If the message still has live recipients in the queue they are kept; the failed ones
-        come back as queued with their history (attempt counts, last reply) intact.
+        come back as queued with their history (attempt counts, last reply) intact. Its
+        `requeued` event (rcpts: the recipients brought back) is journaled first.
         """
         record = self.load(msg_id, DEAD)
         try:
@@ -204,6 +241,9 @@ class Spool(Layout):
             if rcpt.address in revived:
                 rcpt.status = "queued"
         msg.dead_at, msg.next_attempt, msg.attempts, msg.requeued_at = None, now, 0, now
+        if self.journal is not None:
+            rcpts = [r.address for r in msg.recipients if r.address in revived]
+            self.journal.append([events.record(events.REQUEUED, msg, now, rcpts=rcpts)])
         self.save(msg)
         unlink(self.state_path(msg_id, DEAD))
         fsync_dir(self.root / DEAD)
@@ -222,7 +262,9 @@ class Spool(Layout):
     # --- durable writes (the one helper every write goes through) ----------------------------
 
     def _write(self, path: Path, chunks: Iterable[bytes]) -> None:
-        """Write to tmp/, fsync, rename over `path`, fsync its directory."""
+        """Write to tmp/, fsync, rename over `path`, fsync its directory; the journal's events
+        first."""
+        self._sync_journal()
         tmp = self._stage(path.name, chunks, sync=True)
         try:
             os.replace(tmp, path)
@@ -230,6 +272,13 @@ class Spool(Layout):
             unlink(tmp)
             raise
         fsync_dir(path.parent)
+
+
+def keyed(msg: Message) -> dict[str, Any]:
+    """A `received` event's idempotency fields: the key and content hash, when it has a key."""
+    if msg.idempotency_key is None or msg.content_hash is None:
+        return {}
+    return {"idempotency_key": msg.idempotency_key, "content_hash": msg.content_hash}
 
 
 def iter_messages(spool: Spool, where: str) -> Iterator[Message]:

@@ -46,7 +46,7 @@ EXAMPLES = int(os.environ.get("RELAY_FUZZ_EXAMPLES", "300"))
 QUEUED = re.compile(rb"^250 2\.0\.0 queued as ([0-9a-f]{20})$")
 CLOSING_CODES = {b"221", b"421", b"502"}  # QUIT, a limit or shutdown, too many bad commands
 READ_DEADLINE = 10.0
-OUTCOMES = {"delivered", "deferred", "failed", "error"}
+OUTCOMES = {"delivered", "deferred", "bounced", "error"}
 
 VERBS = [
     b"EHLO", b"HELO", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"RSET", b"NOOP", b"VRFY", b"QUIT",

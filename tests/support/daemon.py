@@ -75,7 +75,12 @@ class Relay:
                 "retry": {"schedule": ["1s"], "max_age": "1h", "jitter": 0},
             },
         }
-        self.config.write_text(yaml.safe_dump(merge(base, settings)))
+        if source is None or (source / "relay" / "api").is_dir():  # a revision with the API
+            base["api"] = {"listen": ""}  # off unless a test turns it on (api_on)
+        final = merge(base, settings)
+        self.config.write_text(yaml.safe_dump(final))
+        listen = final.get("api", {}).get("listen")
+        self.api_url = f"http://{listen}" if listen else None
         self.lines: list[dict[str, Any]] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -180,6 +185,26 @@ class Relay:
             with exc:
                 return exc.code, exc.read().decode()
 
+    def api(
+        self, method: str, path: str, token: str | None = None, body: Any = None
+    ) -> tuple[int, dict[str, str], Any]:
+        """Status, headers and JSON body (None if empty) of a request to the HTTP API."""
+        assert self.api_url, "turn the API on: relay(api_on())"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        data = None if body is None else json.dumps(body).encode()
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(
+            f"{self.api_url}{path}", data=data, method=method, headers=headers
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, head, raw = response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                status, head, raw = exc.code, dict(exc.headers), exc.read()
+        return status, head, json.loads(raw) if raw else None
+
     def samples(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample /metrics serves, by name and sorted labels."""
         status, text = self.get("/metrics")
@@ -219,6 +244,11 @@ class Relay:
 
 
 RelayFactory = Callable[..., Relay]
+
+
+def api_on(**settings: Any) -> dict[str, Any]:
+    """Settings turning the HTTP API on, on a free loopback port (api.tokens_file=… etc.)."""
+    return {"api": {"listen": f"127.0.0.1:{free_port()}", **settings}}
 
 
 def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -17,9 +17,10 @@ LEVELS = (
     ("config",),
     ("observe",),
     ("spool",),
-    ("delivery", "intake"),
+    ("delivery", "intake", "history"),
     ("schedule",),
     ("ops",),
+    ("api",),
     ("daemon",),
     ("cli",),
 )

@@ -117,3 +117,36 @@ def test_bad_priority_is_a_5xx_naming_the_header(message: bytes, reply: str) -> 
 def test_priority_off_is_removed_and_ignored(message: bytes) -> None:
     content, asked = extract(message, priority=False)
     assert (content, asked.priority) == (b"Subject: a\r\n\r\nb\r\n", None)
+
+
+@pytest.mark.parametrize(
+    ("message", "kept", "batch_id"),
+    [
+        (b"X-Relay-Batch-Id: spring-sale_2026.v2\r\nSubject: a\r\n\r\nb\r\n",
+         b"Subject: a\r\n\r\nb\r\n", "spring-sale_2026.v2"),
+        (b"Subject: a\r\nx-relay-batch-id:\r\n\t" + b"B" * 64 + b"\r\n\r\nb\r\n",
+         b"Subject: a\r\n\r\nb\r\n", "B" * 64),
+        (b"Subject: a\r\n\r\nX-Relay-Batch-Id: in-the-body\r\n",
+         b"Subject: a\r\n\r\nX-Relay-Batch-Id: in-the-body\r\n", None),
+    ],
+)  # fmt: skip
+def test_batch_id_is_read_and_removed(message: bytes, kept: bytes, batch_id: str | None) -> None:
+    content, asked = extract(message)
+    assert (content, asked.batch_id) == (kept, batch_id)
+
+
+@pytest.mark.parametrize(
+    ("field", "reply"),
+    [
+        (b"X-Relay-Batch-Id: a b", "550 5.6.0 X-Relay-Batch-Id: 'a b' is not a batch id"),
+        (b"X-Relay-Batch-Id: " + b"x" * 65, "550 5.6.0 X-Relay-Batch-Id: 'xxxx"),
+        (b"X-Relay-Batch-Id:", "550 5.6.0 X-Relay-Batch-Id: '' is not a batch id"),
+        ("X-Relay-Batch-Id: caf\u00e9".encode(), "550 5.6.0 X-Relay-Batch-Id: 'caf\u00e9'"),
+        (b"X-Relay-Batch-Id: a\r\nX-Relay-Batch-Id: a",
+         "550 5.6.0 More than one X-Relay-Batch-Id header field"),
+    ],
+)  # fmt: skip
+def test_a_bad_batch_id_is_a_5xx_naming_the_field(field: bytes, reply: str) -> None:
+    with pytest.raises(DirectiveError) as info:
+        extract(field + b"\r\nSubject: a\r\n\r\nb\r\n")
+    assert str(info.value).startswith(reply)

@@ -1,0 +1,74 @@
+"""API, the application: the aiohttp app of every route in ROUTES behind the problem-details
+and token middlewares, and its serving on `api.listen` in the API worker."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from relay import config
+from relay.api import auth, batches, messages, meta, problems
+from relay.api.live import HISTORY, SPOOL
+from relay.api.spec import Route, document
+from relay.api.tokens import Tokens
+from relay.history.store import History
+from relay.spool.layout import Layout
+
+__all__ = ["HISTORY", "ROUTES", "SPOOL", "Server", "build"]
+
+# Every endpoint, served and described from here: a new endpoint module adds its ROUTES.
+ROUTES: tuple[Route, ...] = (*meta.ROUTES, *messages.ROUTES, *batches.ROUTES)
+
+
+def build(
+    tokens: Tokens,
+    routes: tuple[Route, ...] = ROUTES,
+    history: History | None = None,
+    spool: Layout | None = None,
+) -> web.Application:
+    """The app; history: the message history the endpoints read (the API process is its only
+    writer); spool: where its journal and the running scheduler's control socket are."""
+    app = web.Application(middlewares=[problems.middleware, auth.middleware])
+    app[auth.TOKENS] = tokens
+    if history is not None:
+        app[HISTORY] = history
+    if spool is not None:
+        app[SPOOL] = spool
+    app[auth.SCOPES] = {(r.method, r.path): r.scope for r in routes}
+    app[meta.DOCUMENT] = document(routes)
+    for route in routes:
+        app.router.add_route(route.method, route.path, route.handler)
+    return app
+
+
+class Server:
+    """The API's listener: started once, told of reloads, stopped within the grace period
+    (requests in flight finish, up to lifecycle.grace)."""
+
+    def __init__(self, cfg: config.Config, history: History | None = None) -> None:
+        self.tokens = Tokens(cfg.api.tokens_file)
+        self.runner = web.AppRunner(
+            build(self.tokens, history=history, spool=Layout(cfg.spool.path)),
+            access_log=None,  # the API's requests are not log events
+            handle_signals=False,  # the worker handles them
+            shutdown_timeout=cfg.lifecycle.grace,
+        )
+
+    async def start(self, host: str, port: int) -> web.TCPSite:
+        """Listen on host:port (0: any free port, see the site's port); OSError if it cannot."""
+        if self.runner.server is None:
+            await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        try:
+            await site.start()
+        except OSError:
+            await site.stop()
+            raise
+        return site
+
+    def reconfigure(self, cfg: config.Config) -> None:
+        """SIGHUP: another tokens file takes effect at the next request (the listener stays)."""
+        if cfg.api.tokens_file != self.tokens.path:
+            self.tokens.path, self.tokens.stamp = cfg.api.tokens_file, None
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()

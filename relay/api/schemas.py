@@ -1,0 +1,244 @@
+"""API, the shapes: the JSON schemas of the messages and batches endpoints' bodies and their
+query parameters, as /v1/openapi.json describes them."""
+
+from __future__ import annotations
+
+from relay.api.spec import Schema
+
+TIME = {"type": "string", "format": "date-time", "description": "UTC, ISO 8601"}
+NULLABLE_TIME = {**TIME, "type": ["string", "null"]}
+NULLABLE_STRING = {"type": ["string", "null"]}
+STATUSES = [
+    "queued",
+    "scheduled",
+    "quota",
+    "deferred",
+    "throttled",
+    "suspended",
+    "held",
+    "active",
+    "delivered",
+    "bounced",
+    "expired",
+    "cancelled",
+    "partial",
+]
+RECIPIENT_STATUSES = ["pending", "delivered", "bounced", "expired", "cancelled"]
+REPLY: Schema = {
+    "type": ["object", "null"],
+    "description": "the remote reply (code null: no SMTP reply, e.g. a connection refused)",
+    "required": ["code", "enhanced", "text"],
+    "properties": {
+        "code": {"type": ["integer", "null"]},
+        "enhanced": NULLABLE_STRING,
+        "text": {"type": "string"},
+    },
+}
+RECIPIENT: Schema = {
+    "type": "object",
+    "required": ["address", "status", "attempts", "reply", "mx", "updated_at"],
+    "properties": {
+        "address": {"type": "string"},
+        "status": {"enum": RECIPIENT_STATUSES},
+        "attempts": {"type": "integer", "minimum": 0},
+        "reply": {"$ref": "#/components/schemas/Reply"},
+        "mx": {**NULLABLE_STRING, "description": "the host that gave the reply"},
+        "next_attempt": NULLABLE_TIME,
+        "updated_at": TIME,
+    },
+}
+MESSAGE: Schema = {
+    "type": "object",
+    "required": [
+        "id",
+        "tenant",
+        "sender",
+        "batch_id",
+        "status",
+        "reason",
+        "reason_detail",
+        "expected_attempt_at",
+        "send_at",
+        "queued_at",
+        "finished_at",
+        "lane",
+        "size",
+        "attempts",
+        "recipients",
+    ],
+    "properties": {
+        "id": {"type": "string", "pattern": "^[0-9a-f]{20}$"},
+        "tenant": {"type": "string"},
+        "sender": {"type": "string", "description": "the envelope sender; empty for <>"},
+        "batch_id": NULLABLE_STRING,
+        "status": {
+            "enum": STATUSES,
+            "description": "while a recipient is pending, why the message waits (as `relay "
+            "queue list` says); then how its recipients ended (partial: not alike)",
+        },
+        "reason": {**NULLABLE_STRING, "description": "why it waits; null once it ended"},
+        "reason_detail": {**NULLABLE_STRING, "description": "more on the reason, e.g. a reply"},
+        "expected_attempt_at": {
+            **NULLABLE_TIME,
+            "description": "when the relay expects to try next; null when held or ended",
+        },
+        "send_at": NULLABLE_TIME,
+        "queued_at": NULLABLE_TIME,
+        "finished_at": NULLABLE_TIME,
+        "lane": {"type": ["string", "null"]},
+        "size": {"type": ["integer", "null"]},
+        "attempts": {"type": "integer", "minimum": 0},
+        "held": {"type": "boolean"},
+        "recipients": {"type": "array", "items": {"$ref": "#/components/schemas/Recipient"}},
+    },
+}
+ATTEMPT: Schema = {
+    "type": "object",
+    "required": ["at", "recipient", "attempt", "outcome", "reply", "mx", "ip", "tls"],
+    "properties": {
+        "at": TIME,
+        "recipient": {"type": "string"},
+        "attempt": {"type": ["integer", "null"]},
+        "outcome": {"enum": ["deferred", "delivered", "bounced"]},
+        "reply": {"$ref": "#/components/schemas/Reply"},
+        "mx": NULLABLE_STRING,
+        "ip": NULLABLE_STRING,
+        "tls": {"type": ["boolean", "string", "null"]},
+    },
+}
+DETAIL: Schema = {
+    "allOf": [
+        {"$ref": "#/components/schemas/Message"},
+        {
+            "type": "object",
+            "required": ["history", "events"],
+            "properties": {
+                "history": {
+                    "type": "array",
+                    "description": "every delivery attempt, oldest first",
+                    "items": {"$ref": "#/components/schemas/Attempt"},
+                },
+                "events": {
+                    "type": "array",
+                    "description": "the message's events (docs/events.md), with `seq`",
+                    "items": {"type": "object", "required": ["event", "event_id", "seq"]},
+                },
+            },
+        },
+    ]
+}
+PAGE: Schema = {
+    "type": "object",
+    "required": ["messages", "next_cursor"],
+    "properties": {
+        "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+        "next_cursor": {
+            **NULLABLE_STRING,
+            "description": "pass as cursor= for the next page; null: last",
+        },
+    },
+}
+CANCELLED: Schema = {
+    "type": "object",
+    "required": ["id", "status", "cancelled", "ended"],
+    "properties": {
+        "id": {"type": "string"},
+        "status": {"enum": ["cancelled", "partial"]},
+        "cancelled": {"type": "array", "items": {"type": "string"}},
+        "ended": {
+            "type": "array",
+            "description": "recipients that had ended before, and how",
+            "items": {
+                "type": "object",
+                "required": ["address", "status"],
+                "properties": {
+                    "address": {"type": "string"},
+                    "status": {"enum": RECIPIENT_STATUSES},
+                },
+            },
+        },
+    },
+}
+COUNTS = {
+    "type": "object",
+    "additionalProperties": {"type": "integer"},
+    "description": "how many of its messages are in each status (Message.status)",
+}
+BATCH: Schema = {
+    "type": "object",
+    "required": ["batch_id", "total", "counts"],
+    "properties": {"batch_id": {"type": "string"}, "total": {"type": "integer"}, "counts": COUNTS},
+}
+BATCH_CANCELLED: Schema = {
+    "type": "object",
+    "required": ["batch_id", "cancelled", "busy", "total", "counts"],
+    "properties": {
+        "batch_id": {"type": "string"},
+        "cancelled": {
+            "type": "integer",
+            "description": "messages whose pending recipients were cancelled now",
+        },
+        "busy": {
+            "type": "integer",
+            "description": "messages still in a delivery attempt "
+            "after 15 s, not cancelled: DELETE again",
+        },
+        "total": {"type": "integer"},
+        "counts": COUNTS,
+    },
+}
+COMPONENTS = {
+    "Reply": REPLY,
+    "Recipient": RECIPIENT,
+    "Message": MESSAGE,
+    "Attempt": ATTEMPT,
+    "MessageDetail": DETAIL,
+    "MessagePage": PAGE,
+    "Cancelled": CANCELLED,
+    "Batch": BATCH,
+    "BatchCancelled": BATCH_CANCELLED,
+}
+
+
+def query(name: str, description: str, schema: Schema) -> Schema:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+def path(name: str, description: str, schema: Schema) -> Schema:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": schema,
+    }
+
+
+LIST_PARAMETERS = (
+    query("status", "only messages in this status (Message.status)", {"enum": STATUSES}),
+    query("recipient", "only messages to this address (case-insensitive)", {"type": "string"}),
+    query("batch_id", "only this batch's messages", {"type": "string"}),
+    query(
+        "tenant", "only this tenant's (a token with a tenant sees its own only)", {"type": "string"}
+    ),
+    query("since", "only messages queued at or after this time", TIME),
+    query("until", "only messages queued before this time", TIME),
+    query(
+        "limit",
+        "messages per page (default 100)",
+        {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+    ),
+    query("cursor", "the next_cursor of the page before", {"type": "string"}),
+)
+MESSAGE_ID = path("id", "the queue id (`250 2.0.0 queued as <id>`)", {"type": "string"})
+BATCH_ID = path(
+    "id",
+    "the batch id (X-Relay-Batch-Id, or batch_id over HTTP)",
+    {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+)

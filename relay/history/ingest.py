@@ -1,0 +1,79 @@
+"""History, taking events in: the journal's files read from where the history left each one,
+their events applied with the new offsets in one transaction, and files past the retention
+deleted once taken in."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from relay.history.store import History
+from relay.spool import journal
+
+POLL = 0.2  # seconds between looks at the journal when it had nothing new
+
+
+def catch_up(history: History, directory: Path) -> int:
+    """Take in every complete event not yet taken in; how many were new."""
+    added = 0
+    for path in journal.files(directory):
+        offset = history.offset(path.name)
+        while True:
+            try:
+                events, after = journal.read(path, offset)
+            except FileNotFoundError:  # pruned meanwhile
+                break
+            if after == offset:
+                break
+            added += history.take(path.name, events, after)
+            offset = after
+    return added
+
+
+def prune(history: History, directory: Path, retention: float, now: float | None = None) -> None:
+    """Forget what ended before the retention window, and delete journal files that are no
+    longer written, fully taken in, and last written before it."""
+    before = (time.time() if now is None else now) - retention
+    history.prune(before)
+    kept = []
+    for path in journal.files(directory):
+        with contextlib.suppress(FileNotFoundError):
+            done = history.offset(path.name) >= path.stat().st_size
+            if done and path.stat().st_mtime < before and _unlocked(path):
+                path.unlink()
+                continue
+            kept.append(path.name)
+    history.forget_files(kept)
+
+
+def _unlocked(path: Path) -> bool:
+    """No writer holds the file: it is never appended to again."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+async def follow(
+    history: History, directory: Path, retention: Callable[[], float], stop: asyncio.Event
+) -> None:
+    """Keep the history caught up with the journal until stop is set; prune at the start and
+    once an hour (retention() read each time: a reload may change it)."""
+    next_prune = 0.0
+    while not stop.is_set():
+        added = await asyncio.to_thread(catch_up, history, directory)
+        if time.monotonic() >= next_prune:
+            await asyncio.to_thread(prune, history, directory, retention())
+            next_prune = time.monotonic() + 3600.0
+        if not added:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL)

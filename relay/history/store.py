@@ -1,0 +1,207 @@
+"""History, the store: the one interface to the message history (take in journal events with
+their files' offsets, query messages, batches and events, prune by retention), over SQLite
+today and replaceable by a server database behind the same methods."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.history import project, schema
+from relay.mail.events import iso
+
+MAX_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Query:
+    """What GET /v1/messages asks for; None is "any". cursor: the last id of the page before
+    (ids sort by arrival, so new mail never shifts a later page)."""
+
+    tenant: str | None = None
+    status: str | None = None  # pending, or a final status (delivered, bounced, ...)
+    recipient: str | None = None
+    batch_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+class History:
+    """The message history in one SQLite file; one process writes it (the API's), any may read.
+    Methods are safe to call from worker threads, one at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = schema.connect(path)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # --- taking events in ----------------------------------------------------------------------
+
+    def offset(self, file: str) -> int:
+        """How far the events of a journal file are taken in (0 for a new file)."""
+        with self.lock:
+            row = self.db.execute("SELECT offset FROM offsets WHERE file=?", (file,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def take(self, file: str, events: Sequence[dict[str, Any]], offset: int) -> int:
+        """Apply events read from file up to offset, in one transaction with the new offset:
+        a crash repeats none and loses none. Returns how many were new. Two callers may take
+        the same file at once (the follower and a request catching up): the offset only grows,
+        and an event taken twice changes nothing."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                added = sum(project.apply(self.db, event) for event in events)
+                self.db.execute(
+                    "INSERT INTO offsets (file, offset) VALUES (?, ?)"
+                    " ON CONFLICT (file) DO UPDATE SET offset=MAX(offset, excluded.offset)",
+                    (file, offset),
+                )
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        return added
+
+    def forget_files(self, kept: Sequence[str]) -> None:
+        """Drop the offsets of journal files that are gone (pruned)."""
+        with self.lock:
+            known = [row[0] for row in self.db.execute("SELECT file FROM offsets")]
+            gone = [(name,) for name in known if name not in set(kept)]
+            self.db.executemany("DELETE FROM offsets WHERE file=?", gone)
+
+    def prune(self, before: float) -> int:
+        """Forget messages that ended before `before` (UTC epoch), with their recipients, and
+        every event older than it; returns how many messages went."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM messages WHERE finished_at IS NOT NULL AND finished_at < ?",
+                (before,))]  # fmt: skip
+            for table in ("messages", "recipients"):
+                self.db.executemany(f"DELETE FROM {table} WHERE id=?", [(i,) for i in ids])
+            self.db.execute("DELETE FROM events WHERE at < ?", (before,))
+            self.db.execute("COMMIT")
+        return len(ids)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def messages(self, query: Query) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of messages, newest first, and the cursor of the next page (None: last)."""
+        where, args = _where(query)
+        limit = max(1, min(query.limit, MAX_LIMIT))
+        sql = f"SELECT * FROM messages{where} ORDER BY id DESC LIMIT ?"
+        with self.lock:
+            rows = self.db.execute(sql, (*args, limit + 1)).fetchall()
+            items = [self._item(row) for row in rows[:limit]]
+        return items, (items[-1]["id"] if len(rows) > limit else None)
+
+    def count(self) -> int:
+        """How many messages the history knows."""
+        with self.lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+
+    def message(self, msg_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """One message with its recipients and its events (None: unknown to this tenant)."""
+        with self.lock:
+            row = self.db.execute("SELECT * FROM messages WHERE id=?", (msg_id,)).fetchone()
+            if row is None or (tenant is not None and row["tenant"] != tenant):
+                return None
+            item = self._item(row)
+            item["events"] = [
+                {"seq": seq, **project_json(data)}
+                for seq, data in self.db.execute(
+                    "SELECT seq, data FROM events WHERE id=? ORDER BY seq", (msg_id,)
+                )
+            ]
+        return item
+
+    def batch(self, batch_id: str, tenant: str | None = None) -> dict[str, int]:
+        """How many of a batch's messages are in each status ({} when none is known)."""
+        sql = "SELECT status, COUNT(*) FROM messages WHERE batch_id=?"
+        args: list[Any] = [batch_id]
+        if tenant is not None:
+            sql, args = sql + " AND tenant=?", [*args, tenant]
+        with self.lock:
+            return dict(self.db.execute(sql + " GROUP BY status", args).fetchall())
+
+    def batch_ids(self, batch_id: str, tenant: str | None = None) -> list[str]:
+        """The ids of a batch's messages that are still pending."""
+        sql = "SELECT id FROM messages WHERE batch_id=? AND status=?"
+        args: list[Any] = [batch_id, project.PENDING]
+        if tenant is not None:
+            sql, args = sql + " AND tenant=?", [*args, tenant]
+        with self.lock:
+            return [row[0] for row in self.db.execute(sql + " ORDER BY id", args)]
+
+    def _item(self, row: sqlite3.Row) -> dict[str, Any]:
+        recipients = self.db.execute(
+            "SELECT * FROM recipients WHERE id=? ORDER BY rowid", (row["id"],)
+        ).fetchall()
+        return {
+            "id": row["id"], "tenant": row["tenant"], "sender": row["sender"],
+            "batch_id": row["batch_id"], "status": row["status"], "held": bool(row["held"]),
+            "queued_at": iso(row["queued_at"]), "send_at": iso(row["send_at"]),
+            "finished_at": iso(row["finished_at"]), "lane": row["lane"], "size": row["size"],
+            "attempts": row["attempts"], "recipients": [_recipient(r) for r in recipients],
+        }  # fmt: skip
+
+
+def reply(code: int | None, enhanced: str | None, text: str | None) -> dict[str, Any] | None:
+    """A reply as the API and `relay queue show` give it: {code, enhanced, text}, the text
+    without the code and enhanced code the events' `reply` starts with."""
+    if code is None and text is None:
+        return None
+    words = (text or "").split(" ")
+    for part in (str(code) if code is not None else None, enhanced):
+        if part is not None and words and words[0] == part:
+            words = words[1:]
+    return {"code": code, "enhanced": enhanced, "text": " ".join(words)}
+
+
+def _recipient(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "address": row["address"], "status": row["status"], "attempts": row["attempts"],
+        "reply": reply(row["code"], row["enhanced"], row["text"]), "mx": row["mx"],
+        "next_attempt": iso(row["next_attempt"]),
+        "updated_at": iso(row["updated_at"]),
+    }  # fmt: skip
+
+
+def _where(query: Query) -> tuple[str, list[Any]]:
+    """The WHERE clause of a messages query and its arguments."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    for column, value in (("tenant", query.tenant), ("status", query.status),
+                          ("batch_id", query.batch_id)):  # fmt: skip
+        if value is not None:
+            clauses.append(f"{column}=?")
+            args.append(value)
+    if query.recipient is not None:
+        clauses.append("id IN (SELECT id FROM recipients WHERE address=? COLLATE NOCASE)")
+        args.append(query.recipient)
+    for op, moment in ((">=", query.since), ("<", query.until)):
+        if moment is not None:
+            clauses.append(f"queued_at {op} ?")
+            args.append(moment)
+    if query.cursor is not None:
+        clauses.append("id < ?")
+        args.append(query.cursor)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def project_json(data: str) -> dict[str, Any]:
+    """An event as stored (the journal's JSON object)."""
+    value = json.loads(data)
+    return value if isinstance(value, dict) else {}
