@@ -15,7 +15,7 @@ from aiohttp import web
 from relay.api import live, schemas
 from relay.api.auth import tenant
 from relay.api.problems import Problem
-from relay.api.spec import Answer, Route, problem
+from relay.api.spec import Answer, Route, problem, ref
 from relay.history import project
 from relay.history.store import MAX_LIMIT, Query
 
@@ -62,10 +62,6 @@ async def cancel_batch(request: web.Request) -> web.Response:
         outcomes.update(answer["outcome"] for answer in answers.values())
     body = await counts(request, batch)
     return web.json_response({**body, "cancelled": outcomes["done"], "busy": outcomes["busy"]})
-
-
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 ROUTES = (

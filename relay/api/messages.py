@@ -16,7 +16,7 @@ from aiohttp import web
 from relay.api import live, schemas
 from relay.api.auth import tenant
 from relay.api.problems import Problem
-from relay.api.spec import Answer, Route, problem
+from relay.api.spec import Answer, Route, problem, ref
 from relay.history import project
 from relay.history.store import MAX_LIMIT, Query, reply
 from relay.mail import events as names
@@ -180,10 +180,6 @@ async def cancel_message(request: web.Request) -> web.Response:
     body = {"id": msg_id, "status": status, "cancelled": answer["cancelled"],
             "ended": answer["ended"]}  # fmt: skip
     return web.json_response(body)
-
-
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
 
 
 ROUTES = (

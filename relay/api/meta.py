@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from relay.api.auth import tenant
-from relay.api.spec import Answer, Route
+from relay.api.spec import Answer, Route, ref
 
 DOCUMENT = web.AppKey("document", dict[str, Any])
 
@@ -39,7 +39,7 @@ ROUTES = (
     ),
     Route(
         "GET", "/v1/ping", ping, "ping", "Check a token: the tenant it sees", "read",
-        {200: Answer("the token works", {"$ref": "#/components/schemas/Ping"})},
+        {200: Answer("the token works", ref("Ping"))},
         schemas={"Ping": PING},
     ),
 )  # fmt: skip

@@ -3,7 +3,7 @@ query parameters, as /v1/openapi.json describes them."""
 
 from __future__ import annotations
 
-from relay.api.spec import Schema
+from relay.api.spec import Schema, ref
 
 TIME = {"type": "string", "format": "date-time", "description": "UTC, ISO 8601"}
 NULLABLE_TIME = {**TIME, "type": ["string", "null"]}
@@ -41,7 +41,7 @@ RECIPIENT: Schema = {
         "address": {"type": "string"},
         "status": {"enum": RECIPIENT_STATUSES},
         "attempts": {"type": "integer", "minimum": 0},
-        "reply": {"$ref": "#/components/schemas/Reply"},
+        "reply": ref("Reply"),
         "mx": {**NULLABLE_STRING, "description": "the host that gave the reply"},
         "next_attempt": NULLABLE_TIME,
         "updated_at": TIME,
@@ -89,7 +89,7 @@ MESSAGE: Schema = {
         "size": {"type": ["integer", "null"]},
         "attempts": {"type": "integer", "minimum": 0},
         "held": {"type": "boolean"},
-        "recipients": {"type": "array", "items": {"$ref": "#/components/schemas/Recipient"}},
+        "recipients": {"type": "array", "items": ref("Recipient")},
     },
 }
 ATTEMPT: Schema = {
@@ -100,7 +100,7 @@ ATTEMPT: Schema = {
         "recipient": {"type": "string"},
         "attempt": {"type": ["integer", "null"]},
         "outcome": {"enum": ["deferred", "delivered", "bounced"]},
-        "reply": {"$ref": "#/components/schemas/Reply"},
+        "reply": ref("Reply"),
         "mx": NULLABLE_STRING,
         "ip": NULLABLE_STRING,
         "tls": {"type": ["boolean", "string", "null"]},
@@ -108,7 +108,7 @@ ATTEMPT: Schema = {
 }
 DETAIL: Schema = {
     "allOf": [
-        {"$ref": "#/components/schemas/Message"},
+        ref("Message"),
         {
             "type": "object",
             "required": ["history", "events"],
@@ -116,7 +116,7 @@ DETAIL: Schema = {
                 "history": {
                     "type": "array",
                     "description": "every delivery attempt, oldest first",
-                    "items": {"$ref": "#/components/schemas/Attempt"},
+                    "items": ref("Attempt"),
                 },
                 "events": {
                     "type": "array",
@@ -131,7 +131,7 @@ PAGE: Schema = {
     "type": "object",
     "required": ["messages", "next_cursor"],
     "properties": {
-        "messages": {"type": "array", "items": {"$ref": "#/components/schemas/Message"}},
+        "messages": {"type": "array", "items": ref("Message")},
         "next_cursor": {
             **NULLABLE_STRING,
             "description": "pass as cursor= for the next page; null: last",
@@ -200,24 +200,18 @@ COMPONENTS = {
 }
 
 
+def parameter(place: str, name: str, description: str, schema: Schema) -> Schema:
+    """An OpenAPI parameter: in the query (optional) or the path (required)."""
+    return {"name": name, "in": place, "required": place == "path", "description": description,
+            "schema": schema}  # fmt: skip
+
+
 def query(name: str, description: str, schema: Schema) -> Schema:
-    return {
-        "name": name,
-        "in": "query",
-        "required": False,
-        "description": description,
-        "schema": schema,
-    }
+    return parameter("query", name, description, schema)
 
 
 def path(name: str, description: str, schema: Schema) -> Schema:
-    return {
-        "name": name,
-        "in": "path",
-        "required": True,
-        "description": description,
-        "schema": schema,
-    }
+    return parameter("path", name, description, schema)
 
 
 LIST_PARAMETERS = (

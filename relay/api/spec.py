@@ -16,6 +16,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Schema = dict[str, Any]
 OPENAPI = "3.1.0"
 PROBLEM = "#/components/schemas/Problem"
+
+
+def ref(name: str) -> Schema:
+    """A reference to one of the document's component schemas."""
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
 SCHEMAS: dict[str, Schema] = {
     "Problem": {
         "type": "object",
