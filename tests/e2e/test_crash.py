@@ -42,6 +42,24 @@ def load(daemon: Relay, acked: list[str], stop: threading.Event, clients: int, l
         thread.join(60)
 
 
+def kill9_under_load(daemon: Relay, at_least: int = 150) -> list[str]:
+    """Load the relay from six clients and kill -9 its whole process group (supervisor,
+    intake and scheduler at the same instant) once at_least messages were acknowledged;
+    their ids."""
+    acked: list[str] = []
+    stop = threading.Event()
+    loader = threading.Thread(target=load, args=(daemon, acked, stop, 6, 400))
+    loader.start()
+    deadline = time.monotonic() + 20
+    while len(acked) < at_least and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.kill9()
+    stop.set()
+    loader.join(60)
+    assert len(acked) >= at_least
+    return acked
+
+
 def delivered_ids(sink: MxSink) -> Counter[str]:
     ids: Counter[str] = Counter()
     for message in sink.received:
@@ -53,17 +71,7 @@ def delivered_ids(sink: MxSink) -> Counter[str]:
 
 def test_kill9_under_load_loses_nothing_acknowledged(relay: RelayFactory, sink: MxSink) -> None:
     daemon = relay({"delivery": {"concurrency": CONCURRENCY}})
-    acked: list[str] = []
-    stop = threading.Event()
-    loader = threading.Thread(target=load, args=(daemon, acked, stop, 6, 400))
-    loader.start()
-    deadline = time.monotonic() + 20
-    while len(acked) < 150 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    daemon.kill9()  # supervisor, intake and scheduler at the same instant
-    stop.set()
-    loader.join(60)
-    assert len(acked) >= 150
+    acked = kill9_under_load(daemon)
     before = len(sink.received)
     daemon.start()
     daemon.wait_event("recovered")

@@ -5,14 +5,13 @@ spool, with their fields; tenants and batch ids; and no event lost to a kill -9 
 from __future__ import annotations
 
 import json
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from relay.spool.journal import files, read, writer_of
-from tests.e2e.test_crash import CONCURRENCY, delivered_ids, load, pid_alive
+from tests.e2e.test_crash import CONCURRENCY, delivered_ids, kill9_under_load, pid_alive
 from tests.e2e.test_lanes_quota import PASSWORD, with_user
 from tests.support.daemon import Relay, RelayFactory
 from tests.support.mx import MxSink
@@ -246,17 +245,7 @@ def test_kill9_under_load_loses_no_event_of_a_persisted_change(
         sink.script_rcpt(rcpt, "550 5.1.1 no such user")
     daemon = relay({"delivery": {"concurrency": CONCURRENCY}})
     workers = [daemon.worker_pid(role) for role in ("intake", "scheduler")]
-    acked: list[str] = []
-    stop = threading.Event()
-    loader = threading.Thread(target=load, args=(daemon, acked, stop, 6, 400))
-    loader.start()
-    deadline = time.monotonic() + 20
-    while len(acked) < 150 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    daemon.kill9()
-    stop.set()
-    loader.join(60)
-    assert len(acked) >= 150
+    acked = kill9_under_load(daemon)
     deadline = time.monotonic() + 10
     while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.01)
