@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from relay import config
-from relay.api import auth, batches, messages, meta, problems
+from relay.api import auth, batches, messages, meta, problems, submit
 from relay.api.live import HISTORY, SPOOL
 from relay.api.spec import Route, document
 from relay.api.tokens import Tokens
@@ -16,7 +16,7 @@ from relay.spool.layout import Layout
 __all__ = ["HISTORY", "ROUTES", "SPOOL", "Server", "build"]
 
 # Every endpoint, served and described from here: a new endpoint module adds its ROUTES.
-ROUTES: tuple[Route, ...] = (*meta.ROUTES, *messages.ROUTES, *batches.ROUTES)
+ROUTES: tuple[Route, ...] = (*meta.ROUTES, *messages.ROUTES, *submit.ROUTES, *batches.ROUTES)
 
 
 def build(
@@ -24,11 +24,17 @@ def build(
     routes: tuple[Route, ...] = ROUTES,
     history: History | None = None,
     spool: Layout | None = None,
+    cfg: config.Config | None = None,
 ) -> web.Application:
     """The app; history: the message history the endpoints read (the API process is its only
-    writer); spool: where its journal and the running scheduler's control socket are."""
-    app = web.Application(middlewares=[problems.middleware, auth.middleware])
+    writer); spool: where its journal, the running scheduler's control socket and the intake's
+    submission socket are."""
+    cfg = cfg or config.Config()
+    app = web.Application(
+        middlewares=[problems.middleware, auth.middleware], client_max_size=body_limit(cfg)
+    )
     app[auth.TOKENS] = tokens
+    app[submit.CONFIG] = submit.Current(cfg)
     if history is not None:
         app[HISTORY] = history
     if spool is not None:
@@ -40,6 +46,11 @@ def build(
     return app
 
 
+def body_limit(cfg: config.Config) -> int:
+    """The largest request body: a message of smtp.max_message_size in base64, and its JSON."""
+    return cfg.smtp.max_message_size * 4 // 3 + 1024 * 1024
+
+
 class Server:
     """The API's listener: started once, told of reloads, stopped within the grace period
     (requests in flight finish, up to lifecycle.grace)."""
@@ -47,7 +58,7 @@ class Server:
     def __init__(self, cfg: config.Config, history: History | None = None) -> None:
         self.tokens = Tokens(cfg.api.tokens_file)
         self.runner = web.AppRunner(
-            build(self.tokens, history=history, spool=Layout(cfg.spool.path)),
+            build(self.tokens, history=history, spool=Layout(cfg.spool.path), cfg=cfg),
             access_log=None,  # the API's requests are not log events
             handle_signals=False,  # the worker handles them
             shutdown_timeout=cfg.lifecycle.grace,
@@ -66,7 +77,9 @@ class Server:
         return site
 
     def reconfigure(self, cfg: config.Config) -> None:
-        """SIGHUP: another tokens file takes effect at the next request (the listener stays)."""
+        """SIGHUP: another tokens file takes effect at the next request (the listener stays),
+        and the intake's limits at the next submission."""
+        self.runner.app[submit.CONFIG].cfg = cfg
         if cfg.api.tokens_file != self.tokens.path:
             self.tokens.path, self.tokens.stamp = cfg.api.tokens_file, None
 

@@ -187,7 +187,69 @@ BATCH_CANCELLED: Schema = {
         "counts": COUNTS,
     },
 }
+ADDRESS_LIST = {
+    "oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    "description": "`addr` or `Name <addr>`, or a list of them",
+}
+NEW_MESSAGE: Schema = {
+    "type": "object",
+    "description": "A message from fields, or `raw` (with from and to, cc or bcc). At least one "
+    "recipient; to, cc and bcc together at most smtp.max_recipients. No other field.",
+    "required": ["from"],
+    "additionalProperties": False,
+    "properties": {
+        "from": {"type": "string", "description": "`addr` or `Name <addr>`: the sender"},
+        "to": ADDRESS_LIST,
+        "cc": ADDRESS_LIST,
+        "bcc": {**ADDRESS_LIST, "description": "envelope only: no header field"},
+        "subject": {"type": "string"},
+        "text": {"type": "string", "description": "the text/plain body"},
+        "html": {"type": "string", "description": "the text/html body (an alternative to text)"},
+        "headers": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "more header fields (Reply-To, List-Unsubscribe, Message-ID, …); "
+            "not From, To, Cc, Bcc, Subject, MIME or X-Relay-*",
+        },
+        "attachments": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["filename", "content"],
+                "additionalProperties": False,
+                "properties": {
+                    "filename": {"type": "string"},
+                    "content_type": {"type": "string", "default": "application/octet-stream"},
+                    "content": {"type": "string", "contentEncoding": "base64"},
+                },
+            },
+        },
+        "send_at": {
+            "oneOf": [TIME, {"type": "number"}],
+            "description": "send no earlier than this (RFC 3339 with a zone, or epoch seconds)",
+        },
+        "priority": {"enum": ["high", "normal", "low"]},
+        "batch_id": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+        "raw": {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": "a whole RFC 5322 message instead of subject, text, html, headers "
+            "and attachments (Date and Message-ID added when missing)",
+        },
+    },
+}
+QUEUED: Schema = {
+    "type": "object",
+    "required": ["id", "status", "expected_attempt_at"],
+    "properties": {
+        "id": {"type": "string", "description": "the queue id, as SMTP's `queued as <id>`"},
+        "status": {"enum": STATUSES, "description": "queued, scheduled (send_at) or quota"},
+        "expected_attempt_at": {**NULLABLE_TIME, "description": "when the first attempt is due"},
+    },
+}
 COMPONENTS = {
+    "NewMessage": NEW_MESSAGE,
+    "Queued": QUEUED,
     "Reply": REPLY,
     "Recipient": RECIPIENT,
     "Message": MESSAGE,
@@ -235,4 +297,11 @@ BATCH_ID = path(
     "id",
     "the batch id (X-Relay-Batch-Id, or batch_id over HTTP)",
     {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"},
+)
+IDEMPOTENCY_KEY = parameter(
+    "header",
+    "Idempotency-Key",
+    "1-256 printable ASCII: the same key (same tenant, within idempotency.window) with the same "
+    "content makes no second message",
+    {"type": "string", "minLength": 1, "maxLength": 256},
 )

@@ -68,7 +68,11 @@ class Route:
     def operation(self) -> Schema:
         answers = {str(k): response(v) for k, v in sorted(self.answers.items())}
         errors = (401, 403, 503) if self.scope else (503,)
-        answers |= {str(s): {"$ref": f"#/components/responses/E{s}"} for s in errors}
+        answers |= {
+            str(s): {"$ref": f"#/components/responses/E{s}"}
+            for s in errors
+            if str(s) not in answers
+        }
         out: Schema = {
             "operationId": self.operation_id,
             "summary": self.summary,

@@ -19,7 +19,7 @@ from relay.intake.checks import peer_ip, reject
 from relay.intake.data import Draft, pieces
 from relay.intake.internals import hook_names
 from relay.intake.registry import Registry
-from relay.intake.session import REPLY_SHUTTING_DOWN, RelaySMTP
+from relay.intake.session import API, REPLY_SHUTTING_DOWN, RelaySMTP
 from relay.intake.tls import tls_context
 from relay.mail.events import DEFAULT_TENANT
 from relay.observe import logs, metrics
@@ -32,6 +32,10 @@ from relay.spool.spill import Content
 from relay.spool.store import Spool
 
 REPLY_QUEUED = "250 2.0.0 queued as {}"
+# To the API worker (its socket only): why the new message waits and until when (epoch), or
+# that it was already queued under the request's idempotency key.
+REPLY_QUEUED_API = "250 2.0.0 queued as {} {} {:.3f}"
+REPLY_REPLAYED_API = "250 2.0.0 queued as {} replayed"
 REPLY_RELAY_DENIED = "554 5.7.1 <{}>: Relay access denied"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_NOT_OWNER = "553 5.7.1 <{}>: Sender address not owned by user {}"
@@ -157,7 +161,7 @@ class IntakeHandler:
         if asked.idempotency_key is not None:
             claim = await self._claim(msg, envelope, draft, asked.idempotency_key)
             if claim.outcome != idempotency.NEW:
-                return self._known(claim, session)
+                return self._known(claim, session, server.listener)
         try:
             quotas, place, refusal = await self._admit(server, session, msg, asked)
             header = received_header(self.cfg.smtp.hostname, server, session, envelope, msg.id)
@@ -171,6 +175,8 @@ class IntakeHandler:
             await admission.release(self.ledger, quotas, place)
             return REPLY_LOCAL_ERROR
         self._accepted(msg, session, envelope, place, started)
+        if server.listener == API:
+            return REPLY_QUEUED_API.format(msg.id, waits(msg), msg.next_attempt)
         return REPLY_QUEUED.format(msg.id)
 
     async def _admit(
@@ -200,10 +206,11 @@ class IntakeHandler:
         msg.idempotency_key, msg.content_hash = key, digest
         return claim
 
-    def _known(self, claim: idempotency.Claim, session: Session) -> str:
+    def _known(self, claim: idempotency.Claim, session: Session, listener: str) -> str:
         """The reply to a key already used: its message's id, or the refusal of a conflict."""
         if claim.outcome == idempotency.REPLAY:
-            return REPLY_QUEUED.format(claim.msg_id)
+            replay = REPLY_REPLAYED_API if listener == API else REPLY_QUEUED
+            return replay.format(claim.msg_id)
         reply = idempotency.REPLY_CONFLICT.format(claim.key[:64])
         return reject("idempotency_conflict", reply, session, tenant=claim.tenant)
 
@@ -283,6 +290,14 @@ class IntakeHandler:
         )
 
 
+def waits(msg: Message) -> str:
+    """Why a message just queued waits, as the queue says it: for its quota window, its send
+    time, or nothing."""
+    if msg.quota_until is not None:
+        return "quota"
+    return "scheduled" if msg.send_at is not None else "queued"
+
+
 def received_header(
     hostname: str, server: RelaySMTP, session: Session, envelope: Envelope, msg_id: str
 ) -> bytes:
@@ -290,6 +305,8 @@ def received_header(
     (ESMTP, S for TLS, A for AUTH; UTF8SMTP)."""
     base = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP" if session.extended_smtp else "SMTP"
     protocol = base + ("S" if server.tls_active else "") + ("A" if session.authenticated else "")
+    if server.listener == API:
+        protocol = "HTTP"  # as Postal traces its HTTP API's messages
     helo = " ".join((session.host_name or "unknown").split())
     rcpts = envelope.rcpt_tos
     recipient = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""

@@ -1,15 +1,19 @@
 """Intake, the listeners: relay, submission and smtps bound to their addresses, each making the
-sessions of its listener (smtps with our own TLS handshake first)."""
+sessions of its listener (smtps with our own TLS handshake first), and the API's UNIX socket
+through which the HTTP API hands its submissions to this same intake."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Callable
 
 from relay.intake.handler import IntakeHandler
-from relay.intake.session import RelaySMTP
+from relay.intake.session import API, RelaySMTP
 from relay.intake.tls import ImplicitTLS
 from relay.observe import metrics
+from relay.spool.run import SUBMIT_SOCKET
 
 LISTENERS = metrics.LISTENERS
 
@@ -28,7 +32,23 @@ async def serve(handler: IntakeHandler) -> list[asyncio.Server]:
     for listener in LISTENERS:
         for host, port in addresses[listener]:
             servers.append(await loop.create_server(_factory(handler, listener), host, port))
+    if handler.cfg.api.listen is not None:
+        servers.append(await serve_api(handler))
     return servers
+
+
+async def serve_api(handler: IntakeHandler) -> asyncio.Server:
+    """run/submit.sock, for the API worker only: the socket is 0600 (our user's), and its
+    sessions authenticate as the request's tenant with SASL EXTERNAL (RFC 4422 appendix A),
+    which the session grants only to a peer of our own uid."""
+    path = handler.spool.socket_address(SUBMIT_SOCKET)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    old = os.umask(0o177)  # no moment where another user could connect
+    try:
+        return await asyncio.get_running_loop().create_unix_server(_factory(handler, API), path)
+    finally:
+        os.umask(old)
 
 
 def _factory(handler: IntakeHandler, listener: str) -> Callable[[], asyncio.BaseProtocol]:
@@ -51,11 +71,19 @@ def _factory(handler: IntakeHandler, listener: str) -> Callable[[], asyncio.Base
             hostname=cfg.smtp.hostname,
             ident="relay",
             timeout=cfg.smtp.idle_timeout,
-            tls_context=None if listener == "smtps" else handler.tls,
+            tls_context=None if listener in ("smtps", API) else handler.tls,
             require_starttls=listener == "submission",
             auth_required=listener != "relay",
-            auth_require_tls=True,
-            auth_exclude_mechanism=None if cfg.smtp.auth.users_file else ["PLAIN", "LOGIN"],
+            auth_require_tls=listener != API,
+            auth_exclude_mechanism=_excluded(listener, cfg.smtp.auth.users_file is not None),
         )
 
     return implicit_tls if listener == "smtps" else factory
+
+
+def _excluded(listener: str, users: bool) -> list[str]:
+    """The AUTH mechanisms a listener does not offer: EXTERNAL is the API socket's only one,
+    and PLAIN and LOGIN need a users file."""
+    if listener == API:
+        return ["PLAIN", "LOGIN"]
+    return ["EXTERNAL"] if users else ["EXTERNAL", "PLAIN", "LOGIN"]

@@ -5,8 +5,13 @@ and a way to be told the daemon is stopping."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
+import os
 import re
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +44,10 @@ REWRITES = {
 }
 REPLY_SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 REPLY_SESSION_TOO_LONG = "421 4.4.2 Session time limit exceeded, closing"
+REPLY_EXTERNAL_REFUSED = "535 5.7.8 EXTERNAL needs the API socket and a tenant"
+API = "api"  # the listener of the API worker's submissions (relay/intake/listeners.py)
+# What a session on the API's UNIX socket is logged and traced as coming from (it has no IP).
+LOCAL_PEER = "127.0.0.1"
 COMMAND_LIMIT = 510  # 512 minus the CRLF
 MAX_REPLY = 510
 # Bytes per recv(2) from a client. asyncio reads 256 KiB at a time, and a session whose DATA
@@ -112,6 +121,9 @@ class RelaySMTP(BaseSession):
             return
         registry = self.registry
         self.ip = client_ip(transport)
+        if self.listener == API and self.session is not None:
+            self.ip = LOCAL_PEER
+            self.session.peer = LOCAL_PEER
         refusal = registry.join(self)
         if refusal is not None:
             reason, reply = refusal
@@ -124,8 +136,8 @@ class RelaySMTP(BaseSession):
         self.deadline = self.loop.call_later(
             limits.session_timeout, self.shut, REPLY_SESSION_TOO_LONG
         )
-        if self.listener == "smtps" or registry.plaintext_auth_allowed(self.ip):
-            self.allow_auth_without_tls()  # already TLS, or loopback by configuration
+        if self.listener in ("smtps", API) or registry.plaintext_auth_allowed(self.ip):
+            self.allow_auth_without_tls()  # already TLS, a local socket, or by configuration
         if registry.draining:
             self.shut()
 
@@ -170,7 +182,7 @@ class RelaySMTP(BaseSession):
         """Before each command: the per-IP rate, then the line's syntax (RFC 5321 §4.1.2)."""
 
         async def checked(arg: str | None) -> None:
-            if not self.registry.guard.command(self.ip):
+            if self.listener != API and not self.registry.guard.command(self.ip):
                 metrics.REJECTED.labels("rate_limited").inc()
                 self.shut(REPLY_TOO_FAST, count=False)
                 return
@@ -224,6 +236,28 @@ class RelaySMTP(BaseSession):
 
     async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
         return await self._check(await super().auth_LOGIN(_, args))
+
+    async def auth_EXTERNAL(self, _: Any, args: list[str]) -> AuthResult:
+        """SASL EXTERNAL (RFC 4422 appendix A) on the API's socket: the channel is the
+        credential (a peer of our own uid), and the authorization identity names the tenant
+        the HTTP request's token belongs to. Offered on no other listener."""
+        tenant = ""
+        if len(args) == 2 and self.listener == API and self._peer_is_us():
+            try:
+                tenant = base64.b64decode(args[1], validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                tenant = ""
+        if not tenant or not tenant.isprintable():
+            return AuthResult(success=False, handled=False, message=REPLY_EXTERNAL_REFUSED)
+        return AuthResult(success=True, auth_data=tenant)
+
+    def _peer_is_us(self) -> bool:
+        """Whether the UNIX socket's peer runs as our uid (Linux SO_PEERCRED)."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None or sock.family != socket.AF_UNIX:
+            return False
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return bool(struct.unpack("3i", creds)[1] == os.getuid())
 
     async def _check(self, decoded: AuthResult) -> AuthResult:
         if not isinstance(decoded.auth_data, Credentials):

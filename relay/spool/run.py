@@ -13,6 +13,7 @@ from relay.spool.layout import Layout
 
 CONTROL_SOCKET = "control.sock"  # the CLI's queue actions reach the live scheduler
 WAKE_SOCKET = "wake.sock"  # the intake tells the scheduler of new mail
+SUBMIT_SOCKET = "submit.sock"  # the API worker hands HTTP submissions to the intake
 DAEMON_LOCK = "daemon.lock"
 SCHEDULER_LOCK = "scheduler.lock"
 QUOTA_LEDGER = "quota.json"  # the intake's sending-quota counts
