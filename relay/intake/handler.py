@@ -209,6 +209,9 @@ class IntakeHandler:
     def _known(self, claim: idempotency.Claim, session: Session, listener: str) -> str:
         """The reply to a key already used: its message's id, or the refusal of a conflict."""
         if claim.outcome == idempotency.REPLAY:
+            metrics.REPLAYED.inc()
+            logs.event("replayed", id=claim.msg_id, tenant=claim.tenant, key=claim.key[:64],
+                       client=peer_ip(session))  # fmt: skip
             replay = REPLY_REPLAYED_API if listener == API else REPLY_QUEUED
             return replay.format(claim.msg_id)
         reply = idempotency.REPLY_CONFLICT.format(claim.key[:64])

@@ -16,7 +16,7 @@ from relay.mail.reply import Reply
 EVENTS = events.NAMES | frozenset(
     {
         # mail flow
-        "rejected", "attempt", "retry_scheduled", "quota_held", "throttle_changed",
+        "rejected", "replayed", "attempt", "retry_scheduled", "quota_held", "throttle_changed",
         "dns_query_failed",
         # operator actions
         "flushed", "reloaded", "reload_failed",

@@ -28,7 +28,7 @@ REJECT_REASONS = (
     "message_too_big", "bare_line_end", "nul_byte", "bad_syntax", "bad_directive", "local_error",
     "shutting_down",
     "too_many_connections", "rate_limited", "banned", "auth_failed", "sender_not_owned",
-    "over_quota", "disk_reserve",
+    "over_quota", "disk_reserve", "idempotency_conflict",
 )  # fmt: skip
 QUEUE_STATES = (
     "queued", "scheduled", "active", "deferred", "throttled", "quota", "held", "suspended",
@@ -52,6 +52,11 @@ INTAKE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 
+REPLAYED = Counter(
+    "relay_idempotent_replays",
+    "Submissions answered with the id of the message their idempotency key made before "
+    "(no second message).",
+)
 QUOTA_HELD = Counter(
     "relay_quota_exceeded",
     "Messages over a sending quota, by what happened to them (held until the window, refused).",

@@ -52,6 +52,10 @@ def test_a_retry_gets_the_same_id_and_one_delivery(relay: RelayFactory, sink: Mx
     sink.wait_for(1)
     assert daemon.send(["user@a.test"], message(stamp=2)) == first  # its 250 was lost
     assert settle(sink) == Counter({first: 1})
+    [replayed] = daemon.wait_event("replayed", id=first)
+    assert (replayed["tenant"], replayed["key"]) == ("default", KEY)
+    assert daemon.metric("relay_idempotent_replays_total") == 1
+    assert daemon.metric("relay_messages_rejected_total", reason="idempotency_conflict") == 0
     assert b"X-Relay-Idempotency-Key" not in sink.received[0].data
     [received] = [e for e in journal(daemon) if e["event"] == "received"]
     assert (received["id"], received["idempotency_key"]) == (first, KEY)
