@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,23 +42,11 @@ def prune(history: History, directory: Path, retention: float, now: float | None
     for path in journal.files(directory):
         with contextlib.suppress(FileNotFoundError):
             done = history.offset(path.name) >= path.stat().st_size
-            if done and path.stat().st_mtime < before and _unlocked(path):
+            if done and path.stat().st_mtime < before and journal.finished(path):
                 path.unlink()
                 continue
             kept.append(path.name)
     history.forget_files(kept)
-
-
-def _unlocked(path: Path) -> bool:
-    """No writer holds the file: it is never appended to again."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-    return True
 
 
 async def follow(

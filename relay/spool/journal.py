@@ -269,6 +269,15 @@ def _finished(fd: int) -> bool:
     return True
 
 
+def finished(path: Path) -> bool:
+    """No writer holds the journal file at path: it is never appended to again."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _finished(fd)
+    finally:
+        os.close(fd)
+
+
 def _parse(line: bytes) -> Event | None:
     if not line:
         return None

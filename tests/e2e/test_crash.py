@@ -5,68 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import smtplib
 import socket
-import threading
 import time
-from collections import Counter
 
 import pytest
 
-from tests.support.daemon import Relay, RelayFactory
+from tests.support.daemon import RelayFactory
 from tests.support.dns import DnsServer
+from tests.support.load import CONCURRENCY, delivered_ids, kill9_under_load, pid_alive
 from tests.support.mx import MxNet, MxSink
-
-ID_IN_RECEIVED = re.compile(rb"with E?SMTP id ([0-9a-f]{20})")
-CONCURRENCY = 8
-
-
-def load(daemon: Relay, acked: list[str], stop: threading.Event, clients: int, limit: int) -> None:
-    """Submit until stopped or `limit` messages per client; record every acknowledged id."""
-
-    def client(n: int) -> None:
-        for i in range(limit):
-            if stop.is_set():
-                return
-            try:
-                acked.append(daemon.send([f"c{n}m{i}@a.test"]))
-            except (OSError, smtplib.SMTPException, AssertionError):
-                return  # the relay died mid-session: not acknowledged, not our problem
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-
-
-def kill9_under_load(daemon: Relay, at_least: int = 150) -> list[str]:
-    """Load the relay from six clients and kill -9 its whole process group (supervisor,
-    intake and scheduler at the same instant) once at_least messages were acknowledged;
-    their ids."""
-    acked: list[str] = []
-    stop = threading.Event()
-    loader = threading.Thread(target=load, args=(daemon, acked, stop, 6, 400))
-    loader.start()
-    deadline = time.monotonic() + 20
-    while len(acked) < at_least and time.monotonic() < deadline:
-        time.sleep(0.01)
-    daemon.kill9()
-    stop.set()
-    loader.join(60)
-    assert len(acked) >= at_least
-    return acked
-
-
-def delivered_ids(sink: MxSink) -> Counter[str]:
-    ids: Counter[str] = Counter()
-    for message in sink.received:
-        match = ID_IN_RECEIVED.search(message.data)
-        assert match, message.data[:200]
-        ids[match.group(1).decode()] += 1
-    return ids
 
 
 def test_kill9_under_load_loses_nothing_acknowledged(relay: RelayFactory, sink: MxSink) -> None:
@@ -185,15 +133,3 @@ def test_port_in_use_fails_start_with_one_error(relay: RelayFactory, sink: MxSin
     [error] = daemon.events("error", stage="intake")
     assert "address already in use" in error["error"].lower() and error["action"] == "listen"
     assert str(daemon.port) in error["error"]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead, just not reaped yet
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from relay.api.schemas import STATUSES
+from relay.mail.events import OF_ATTEMPT
 from relay.spool.journal import files, read, writer_of
-from tests.e2e.test_crash import CONCURRENCY, delivered_ids, kill9_under_load, pid_alive
-from tests.e2e.test_lanes_quota import PASSWORD, with_user
-from tests.support.daemon import Relay, RelayFactory
+from tests.support.daemon import Relay, RelayFactory, api_on, merge
+from tests.support.load import (
+    CONCURRENCY,
+    PASSWORD,
+    delivered_ids,
+    kill9_under_load,
+    pid_alive,
+    with_user,
+)
 from tests.support.mx import MxSink
 
 HOUR = {"delivery": {"retry": {"schedule": ["1h"]}}}
@@ -235,30 +244,46 @@ def test_a_bad_batch_id_is_refused_naming_the_field(relay: RelayFactory, sink: M
     assert journal(daemon) == []
 
 
+# kill9_under_load's client n sends its message i to c{n}m{i}@a.test: every 7th bounces, the
+# one three after it is deferred once then accepted, the rest are accepted.
 BOUNCING = {f"c{n}m{i}@a.test" for n in range(6) for i in range(0, 400, 7)}
+DEFERRED_ONCE = {f"c{n}m{i}@a.test" for n in range(6) for i in range(3, 400, 7)}
+OUTCOMES = {"deferred", "delivered", "bounced"}  # each persisted before the kill, or no test
+
+
+def script(sink: MxSink) -> None:
+    """Script the sink's replies for those recipients."""
+    for rcpt in BOUNCING:
+        sink.script_rcpt(rcpt, "550 5.1.1 no such user")
+    for rcpt in DEFERRED_ONCE:
+        sink.script_rcpt(rcpt, "451 4.3.0 try later", "250 2.1.5 ok")
+
+
+def wait_dead(pids: list[int]) -> None:
+    """Until every one of the killed daemon's processes is gone."""
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(pid_alive(pid) for pid in pids), "a worker outlived the kill"
 
 
 def test_kill9_under_load_loses_no_event_of_a_persisted_change(
     relay: RelayFactory, sink: MxSink
 ) -> None:
-    for rcpt in BOUNCING:
-        sink.script_rcpt(rcpt, "550 5.1.1 no such user")
+    script(sink)
     daemon = relay({"delivery": {"concurrency": CONCURRENCY}})
     workers = [daemon.worker_pid(role) for role in ("intake", "scheduler")]
     acked = kill9_under_load(daemon)
-    deadline = time.monotonic() + 10
-    while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    # What the kill left: every acknowledged message has its `received`, and every outcome in
+    wait_dead(workers)
+    # What the kill left: every acknowledged message has its `received`, and every change in
     # a state file, a dead letter or a removal has its event.
     events = journal(daemon)
     rcpts = {e["id"]: e["rcpts"] for e in events if e["event"] == "received"}
     assert set(acked) <= set(rcpts), f"{len(set(acked) - set(rcpts))} received events lost"
-    outcomes = {(e["id"], e["rcpt"], e["event"]) for e in events if "attempt" in e}
-    persisted = settled(daemon.spool, acked, rcpts)
-    assert persisted, "the kill came before any outcome: load longer"
-    lost = persisted - outcomes
-    assert not lost, f"outcomes persisted without their events: {sorted(lost)[:5]}"
+    changes = persisted(daemon.spool, acked, rcpts)
+    assert kinds(changes) >= OUTCOMES, f"the kill came too soon: {kinds(changes)}; load longer"
+    lost = changes - {(e["id"], e.get("rcpt", ""), e["event"]) for e in events}
+    assert not lost, f"changes persisted without their events: {sorted(lost)[:5]}"
     # After the restart every message ends with its outcome's event.
     daemon.start()
     expected = set(acked) - {i for i in acked if rcpts[i][0] in BOUNCING}
@@ -271,23 +296,111 @@ def test_kill9_under_load_loses_no_event_of_a_persisted_change(
     assert finals(daemon, acked) >= set(acked)
 
 
-def settled(spool: Path, acked: list[str], rcpts: dict[str, list[str]]) -> set[tuple[str, ...]]:
-    """(id, recipient, event) of every outcome the spool holds: delivered or failed in a state
-    file, failed in a dead letter, delivered for a message removed from the queue."""
+def test_kill9_under_load_the_api_shows_every_acknowledged_message_and_its_events(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    script(sink)
+    daemon = relay(merge(api_on(tokens_file=str(tmp_path / "tokens")), {"delivery": {
+        "concurrency": CONCURRENCY, "retry": {"schedule": ["2s"]}}}))  # fmt: skip
+    token = daemon.cli("token", "add", "reader", "--scope", "read").stdout.strip()
+    workers = [daemon.worker_pid(role) for role in ("intake", "scheduler", "api")]
+    acked = kill9_under_load(daemon, at_least=200)
+    wait_dead(workers)
+    on_disk = journal(daemon)
+    rcpts = {e["id"]: e["rcpts"] for e in on_disk if e["event"] == "received"}
+    assert set(acked) <= set(rcpts), f"{len(set(acked) - set(rcpts))} received events lost"
+    changes = persisted(daemon.spool, acked, rcpts)
+    assert kinds(changes) >= OUTCOMES, f"the kill came too soon: {kinds(changes)}; load longer"
+    history = daemon.spool / "history" / "history.sqlite"
+    taken_in = history.stat().st_ino  # the history the kill interrupted, taken on from there
+
+    daemon.start()
+    # Right after the restart: every acknowledged message is known, with a status, its final
+    # one if its outcome was persisted, and every event of it the journal holds.
+    final = {c[0]: c[2] for c in changes if c[2] in ("delivered", "bounced")}
+    items = {msg_id: item(daemon, msg_id, token) for msg_id in acked}
+    assert not [i for i, got in items.items() if got["status"] not in STATUSES]
+    wrong = {i: (items[i]["status"], want) for i, want in final.items()
+             if items[i]["status"] != want}  # fmt: skip
+    assert not wrong, f"a persisted outcome not shown as the status: {sorted(wrong.items())[:5]}"
+    missing = missed(items, on_disk)
+    assert not missing, f"{len(missing)} events of the journal not in the API: {missing[:5]}"
+    shown = {(e["id"], e.get("rcpt") or "", e["event"]) for got in items.values()
+             for e in got["events"]}  # fmt: skip
+    assert not changes - shown, f"persisted changes without events: {sorted(changes - shown)[:5]}"
+    listed = listing(daemon, token)
+    assert set(acked) <= set(listed), f"{len(set(acked) - set(listed))} acknowledged not listed"
+
+    # Then the history keeps up with what the restarted relay does, never rebuilt: every
+    # message ends (a deferred one is delivered at its retry) with every event of the journal.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        statuses = listing(daemon, token)
+        if all(statuses.get(i) in ("delivered", "bounced") for i in acked):
+            break
+        time.sleep(0.2)
+    ended = listing(daemon, token)
+    assert all(ended.get(i) in ("delivered", "bounced") for i in acked), Counter(ended.values())
+    items = {msg_id: item(daemon, msg_id, token) for msg_id in acked}
+    missing = missed(items, journal(daemon))
+    assert not missing, f"{len(missing)} events of the journal not in the API: {missing[:5]}"
+    assert history.stat().st_ino == taken_in
+
+
+def item(daemon: Relay, msg_id: str, token: str) -> dict[str, Any]:
+    """GET /v1/messages/{id}, which must answer 200."""
+    status, _, body = daemon.api("GET", f"/v1/messages/{msg_id}", token)
+    assert status == 200, (msg_id, status, body)
+    assert isinstance(body, dict)
+    return body
+
+
+def listing(daemon: Relay, token: str) -> dict[str, str]:
+    """Every message GET /v1/messages lists, page by page, with its status; fails if one is
+    listed twice."""
+    seen: list[tuple[str, str]] = []
+    path = "/v1/messages?limit=100"
+    for _ in range(100):
+        status, _, page = daemon.api("GET", path, token)
+        assert status == 200, page
+        seen += [(m["id"], m["status"]) for m in page["messages"]]
+        if page["next_cursor"] is None:
+            break
+        path = f"/v1/messages?limit=100&cursor={page['next_cursor']}"
+    ids = [i for i, _ in seen]
+    assert len(ids) == len(set(ids)), "a message listed twice"
+    return dict(seen)
+
+
+def missed(items: dict[str, dict[str, Any]], events: list[dict[str, Any]]) -> list[str]:
+    """The ids of the events of those messages that their `events` in the API lack."""
+    shown = {e["event_id"] for got in items.values() for e in got["events"]}
+    return [e["event_id"] for e in events if e["id"] in items and e["event_id"] not in shown]
+
+
+def persisted(spool: Path, acked: list[str], rcpts: dict[str, list[str]]) -> set[tuple[str, ...]]:
+    """(id, recipient, event) of every change the spool holds: each attempt in a state file
+    or a dead letter, the dead letter itself (recipient ""), and delivered for every recipient
+    of a message removed from the queue."""
     out: set[tuple[str, ...]] = set()
-    word = {"delivered": "delivered", "failed": "bounced"}
     for msg_id in acked:
         dead, queued = spool / "dead" / f"{msg_id}.json", spool / "queue" / f"{msg_id}.json"
         states = [json.loads(p.read_text()) for p in (queued, dead) if p.exists()]
         for state in states:
             out |= {
-                (msg_id, r["address"], word[r["status"]])
+                (msg_id, r["address"], OF_ATTEMPT[attempt["outcome"]])
                 for r in state["recipients"]
-                if r["status"] in word
+                for attempt in r["history"]
             }
-        if not queued.exists() and not dead.exists():  # removed: every recipient delivered
+        if dead.exists():
+            out.add((msg_id, "", "dead_lettered"))
+        if not states:  # removed: every recipient delivered
             out |= {(msg_id, rcpt, "delivered") for rcpt in rcpts[msg_id]}
     return out
+
+
+def kinds(changes: set[tuple[str, ...]]) -> set[str]:
+    return {change[2] for change in changes}
 
 
 def finals(daemon: Relay, acked: list[str]) -> set[str]:

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tests.support.daemon import Relay, RelayFactory
+from tests.support.load import PASSWORD, with_user
 from tests.support.mx import MxSink, Received
-
-PASSWORD = "correct horse battery"
 
 
 def state(daemon: Relay, queue_id: str) -> dict[str, Any]:
@@ -35,21 +32,6 @@ def window_start(seconds: float, room: float) -> float:
         time.sleep(end - time.time() + 0.05)
         end += seconds
     return end
-
-
-def with_user(relay: RelayFactory, settings: dict[str, Any], tmp_path: Path) -> Relay:
-    """A relay whose users file holds alice (sender domain sender.test), AUTH in clear on
-    loopback; started after alice is added."""
-    auth = {"users_file": str(tmp_path / "users"), "plaintext_on_loopback": True}
-    daemon = relay({"smtp": {"auth": auth}, **settings}, start=False)
-    proc = subprocess.run(
-        [sys.executable, "-m", "relay", "user", "add", "alice", "--domains", "sender.test",
-         "--password-stdin", "--config", str(daemon.config)],
-        input=PASSWORD + "\n", capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    daemon.start()
-    return daemon
 
 
 def send_as_alice(daemon: Relay, body: bytes) -> tuple[int, str]:
