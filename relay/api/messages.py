@@ -123,11 +123,11 @@ async def waiting_page(
 
 
 async def find(request: web.Request, msg_id: str) -> dict[str, Any]:
-    """One message of the token's tenant, caught up with the journal if the history does not
-    know it yet; 404 if it is unknown (or another tenant's)."""
+    """One message of the token's tenant as the journal has it now (the history caught up
+    first: a delivery a moment ago shows); 404 if it is unknown (or another tenant's)."""
     history, own = live.history(request), tenant(request)
-    item = await asyncio.to_thread(history.message, msg_id, own) if is_id(msg_id) else None
-    if item is None and is_id(msg_id):
+    item = None
+    if is_id(msg_id):
         await live.catch_up(request)
         item = await asyncio.to_thread(history.message, msg_id, own)
     if item is None:
@@ -165,8 +165,7 @@ def nothing_pending(item: dict[str, Any]) -> Problem:
 
 async def cancel_message(request: web.Request) -> web.Response:
     msg_id = request.match_info["id"]
-    await live.catch_up(request)  # a message requeued or ended a moment ago
-    item = await find(request, msg_id)
+    item = await find(request, msg_id)  # caught up: a message requeued or ended a moment ago
     if item["status"] != project.PENDING:
         raise nothing_pending(item)
     answer = (await live.cancel(request, {"target": msg_id, "tenant": tenant(request)}))[msg_id]
