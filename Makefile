@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= conf/relay.yaml
 
-.PHONY: run test lint check-config system-venv bench bench-postfix-tuning bench-versions bench-scale bench-memory bench-tools clean
+.PHONY: run test lint check-config system-venv bench bench-postfix-tuning bench-versions bench-api bench-scale bench-memory bench-tools clean
 
 $(BIN)/python:
 	@$(PY) -c 'import ensurepip, venv' 2>/dev/null || $(MAKE) --no-print-directory system-venv
@@ -55,6 +55,11 @@ bench-postfix-tuning: $(VENV)/.installed bench-tools
 BASE ?= main
 bench-versions: $(VENV)/.installed bench-tools
 	$(BIN)/python bench/versions.py --base $(BASE) $(VERSIONS_ARGS)
+
+# POST /v1/messages against SMTP on one daemon, alternating rounds at 1 and 8 clients
+# (bench/results/api-submit.json; about 3 minutes). API_ARGS="--messages 200 --rounds 1" for a look.
+bench-api: $(VENV)/.installed
+	$(BIN)/python bench/api_submit.py $(API_ARGS)
 
 # 1,000,000 deferred messages in a spool, then the relay started on it: first delivery, the
 # scheduler's RSS, `relay queue summary` (bench/results/scale.json; about 20 minutes, most of
