@@ -15,6 +15,7 @@ from relay.spool.message import Message, Recipient
 from relay.spool.store import Spool
 from tests.support.daemon import Relay, RelayFactory, under_systemd
 from tests.support.mx import HANG, MxSink
+from tests.support.prometheus import apt_lock
 from tests.support.smtp import RawClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +51,7 @@ def test_sigterm_drains_open_transactions_and_refuses_new_sessions(
             [reply] = client.ask(line)
         assert reply.startswith(b"250 2.0.0 queued as ")  # the open transaction completes
         assert client.ask(b"MAIL FROM:<app@sender.test>\r\n")[0].startswith(b"421 4.3.2 ")
-    assert daemon.proc.wait(15) == 0
+    assert daemon.wait_exit(15) == 0
     assert time.monotonic() - started < 15
     [stopped] = daemon.events("stopped", process="intake")
     assert stopped["sessions_cut"] == 0
@@ -89,7 +90,7 @@ def test_second_sigterm_cuts_at_once(relay: RelayFactory, sink: MxSink) -> None:
     daemon.proc.send_signal(signal.SIGTERM)
     daemon.wait_event("stopping", process="scheduler")
     daemon.proc.send_signal(signal.SIGTERM)
-    assert daemon.proc.wait(15) == 0
+    assert daemon.wait_exit(15) == 0
     assert time.monotonic() - started < 10
     assert daemon.events("stopped", process="scheduler")[0]["deliveries_cut"] == 1
 
@@ -138,6 +139,7 @@ def test_sighup_applies_a_changed_retry_schedule(relay: RelayFactory, sink: MxSi
     assert reloaded["restart_needed_for"] == ["smtp.listen"]
     # The deferred message now waits 1 s, not 1 h, and new mail retries every second too.
     sink.wait_for(1, timeout=15)
+    daemon.wait_event("delivered", id=queue_id)  # the log lines, read after the sink has it
     assert len(daemon.events("attempt", id=queue_id)) == 3
     assert banner(daemon).startswith(b"220 ")  # still listening where it was
 
@@ -180,12 +182,13 @@ def test_systemd_notify_protocol(relay: RelayFactory, sink: MxSink, tmp_path: Pa
         while "STOPPING=1" not in messages and time.monotonic() < deadline:
             messages.append(notify.recv(4096).decode())
         assert "STOPPING=1" in messages
-        assert daemon.proc.wait(15) == 0
+        assert daemon.wait_exit(15) == 0
 
 
 def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:  # a machine without systemd: install its tools
-        subprocess.run(["apt-get", "install", "-y", "-qq", "systemd"], check=True, timeout=600)
+        with apt_lock():  # not while another worker installs prometheus
+            subprocess.run(["apt-get", "install", "-y", "-qq", "systemd"], check=True, timeout=600)
     unit = (ROOT / "systemd" / "relay.service").read_text()
     # Point it at this checkout so the executables it names exist.
     (tmp_path / "relay.service").write_text(unit.replace("/opt/relay", str(ROOT)))

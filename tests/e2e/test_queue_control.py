@@ -3,13 +3,17 @@ the qshape summary, attempt history, and actions racing a delivery in flight."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import threading
 import time
+from pathlib import Path
 
 from tests.support.daemon import Relay, RelayFactory, eventually
 from tests.support.dns import DnsServer
-from tests.support.mx import SLOW, MxNet, MxSink
+from tests.support.mx import HELD, MxNet, MxSink
 
 HOUR = {"delivery": {"retry": {"schedule": ["1h"]}}}
 
@@ -122,27 +126,58 @@ def test_show_has_the_full_attempt_history(relay: RelayFactory, sink: MxSink) ->
     assert all(h["at"].endswith("Z") and h["tls"] is False for h in history)
 
 
+def control_clients(daemon: Relay) -> int:
+    """Connections the scheduler has accepted on its control socket and still holds: a CLI
+    action waiting for its answer."""
+    fds = Path(f"/proc/{daemon.worker_pid('scheduler')}/fd")
+    inodes = set()
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            inodes.add(os.readlink(fd).removeprefix("socket:[").removesuffix("]"))
+    rows = [line.split() for line in Path("/proc/net/unix").read_text().splitlines()[1:]]
+    # Num RefCount Protocol Flags Type St Inode Path; St 03: connected.
+    return sum(
+        1 for row in rows if len(row) == 8 and row[5] == "03" and row[6] in inodes
+        and row[7].endswith("/control.sock")
+    )  # fmt: skip
+
+
+def delete_during_attempt(daemon: Relay, sink: MxSink, msg_id: str) -> str:
+    """`relay queue delete msg_id` while sink holds its reply to the attempt in flight; the reply
+    goes once the scheduler has the request (the CLI's start-up alone can take seconds on a
+    busy machine). What the CLI printed."""
+    before = control_clients(daemon)
+    done: list[subprocess.CompletedProcess[str]] = []
+    worker = threading.Thread(
+        target=lambda: done.append(daemon.cli("queue", "delete", msg_id, check=False))
+    )
+    worker.start()
+    try:
+        eventually(lambda: control_clients(daemon) > before, timeout=30)
+        time.sleep(0.5)  # for the scheduler to read the request it has accepted
+    finally:
+        sink.release()
+        worker.join(30)
+    [proc] = done
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def test_delete_racing_a_delivery_is_one_or_the_other(relay: RelayFactory, sink: MxSink) -> None:
     """A delete that arrives mid-attempt waits for it: the message is delivered (and the delete
     says there was nothing left) or deleted (and never delivered) — never both."""
-    sink.script_data(SLOW.format(seconds=1.5) + "250 2.0.0 ok")
+    sink.script_data(HELD + "250 2.0.0 ok")
     daemon = relay()
     delivered_id = daemon.send(["first@a.test"])
     daemon.wait_event("attempt", id=delivered_id)
-    out = daemon.cli("queue", "delete", delivered_id).stdout
+    out = delete_during_attempt(daemon, sink, delivered_id)
     assert "deleted 0 messages" in out and "finished during its delivery attempt" in out
     sink.wait_for(1)
 
-    sink.script_data(SLOW.format(seconds=1.5) + "451 4.3.0 later")
+    sink.script_data(HELD + "451 4.3.0 later")
     kept_id = daemon.send(["second@a.test"])
     daemon.wait_event("attempt", id=kept_id)
-    result: list[str] = []
-    worker = threading.Thread(
-        target=lambda: result.append(daemon.cli("queue", "delete", kept_id).stdout)
-    )
-    worker.start()
-    worker.join(20)
-    assert "deleted 1 message" in result[0]
+    assert "deleted 1 message" in delete_during_attempt(daemon, sink, kept_id)
     time.sleep(1.5)  # the 1 s retry would have happened by now
     assert len(daemon.events("attempt", id=kept_id)) == 1
     assert [m.rcpt_tos for m in sink.received] == [["first@a.test"]]

@@ -54,6 +54,7 @@ def test_a_rate_limited_destination_is_paced(relay: RelayFactory, sink: MxSink) 
     daemon = relay({"destinations": {"a.test": {"rate": "10/s"}}})
     flood(daemon, 20, b"Subject: t\r\n\r\nhello\r\n")
     sink.wait_for(20, timeout=20)
+    daemon.wait_event("delivered", count=20)  # the log lines, read after the sink has them
     starts = sorted(datetime.fromisoformat(e["timestamp"]) for e in daemon.events("attempt"))
     spread = (starts[-1] - starts[0]).total_seconds()
     assert spread >= 1.5, f"20 messages at 10/s need 1.9 s, not {spread:.2f} s"
@@ -69,7 +70,13 @@ def test_421_throttles_the_destination_and_clean_deliveries_restore_it(
     assert first["throttle_level"] == 1 and first["destination"] == "a.test"
     assert "421" in first["reply"]
     sink.wait_for(12, timeout=60)
-    levels = [e["throttle_level"] for e in daemon.events("throttle_changed")]
+
+    def throttle_levels() -> list[int]:
+        return [e["throttle_level"] for e in daemon.events("throttle_changed")]
+
+    # The log lines are read after the sink has the mail.
+    eventually(lambda: throttle_levels()[-1] == 0)
+    levels = throttle_levels()
     peak = max(levels)
     assert peak >= 1 and levels[-1] == 0, levels
     assert levels[levels.index(peak) :] == list(range(peak, -1, -1)), "recovery is step by step"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import signal
 import smtplib
 import socket
@@ -25,22 +24,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.dns import DnsServer
-from tests.support.mx import MxNet, MxSink
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free to listen on, below the kernel's ephemeral range: a port the kernel handed
-    out (bind to 0) can be taken as a client's source port before the daemon binds it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        port = random.randrange(10_000, low)
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port below {low} on {host}")
+from tests.support.mx import MxNet, MxSink, free_port
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -66,12 +50,16 @@ class Relay:
             "smtp": {"listen": [f"127.0.0.1:{self.port}"], "hostname": "relay.test"},
             "spool": {"path": str(self.spool)},
             "metrics": {"listen": f"127.0.0.1:{self.metrics_port}"},
+            # Timeouts long enough for the test process's own MX sink and DNS server on a busy
+            # machine (pytest-xdist workers side by side): a reply that comes late but comes must
+            # not turn into a retry (and, after the final dot, a second copy). Tests of the
+            # timeouts set their own.
             "delivery": {
                 "helo_name": "relay.test",
-                "connect_timeout": "2s",
-                "command_timeout": "5s",
-                "data_timeout": "10s",
-                "dns": {"timeout": "1s"},
+                "connect_timeout": "10s",
+                "command_timeout": "30s",
+                "data_timeout": "60s",
+                "dns": {"timeout": "5s"},
                 "retry": {"schedule": ["1s"], "max_age": "1h", "jitter": 0},
             },
         }
@@ -109,7 +97,16 @@ class Relay:
     def stop(self, timeout: float = 40.0) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
+        return self.wait_exit(timeout)
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit status once the supervisor has ended; AssertionError with the last log
+        lines if it is still running after timeout seconds."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout}s; {self.tail()}") from None
         self.reader.join(10)
         return code
 
@@ -148,8 +145,11 @@ class Relay:
             if self.proc is not None and self.proc.poll() is not None and name != "stopped":
                 break
             time.sleep(0.02)
-        tail = "\n".join(json.dumps(e) for e in self.lines[-15:])
-        raise AssertionError(f"no {count}x {name} {match} within {timeout}s; last lines:\n{tail}")
+        raise AssertionError(f"no {count}x {name} {match} within {timeout}s; {self.tail()}")
+
+    def tail(self, count: int = 15) -> str:
+        """The last log lines, for a failure's message."""
+        return "last lines:\n" + "\n".join(json.dumps(e) for e in self.lines[-count:])
 
     # --- clients -------------------------------------------------------------------------------
 
@@ -186,12 +186,19 @@ class Relay:
                 return exc.code, exc.read().decode()
 
     def api(
-        self, method: str, path: str, token: str | None = None, body: Any = None
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw_body: bytes | None = None,
     ) -> tuple[int, dict[str, str], Any]:
-        """Status, headers and JSON body (None if empty) of a request to the HTTP API."""
+        """Status, headers and JSON body (None if empty) of a request to the HTTP API; body is
+        sent as JSON, raw_body as it is."""
         assert self.api_url, "turn the API on: relay(api_on())"
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        data = None if body is None else json.dumps(body).encode()
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+        data = raw_body if body is None else json.dumps(body).encode()
         if data is not None:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(
@@ -291,12 +298,16 @@ def relay(tmp_path: Path, dns_server: DnsServer, mx: MxNet) -> Iterator[RelayFac
         return daemon
 
     yield make
-    for daemon in made:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            assert daemon.stop() == 0, "relay serve did not exit 0 on SIGTERM"
-        daemon.close()
-        tracebacks = [e["text"] for e in daemon.lines if "Traceback" in e.get("text", "")]
-        assert not tracebacks, f"the daemon printed a traceback: {tracebacks}"
+    try:
+        for daemon in made:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                assert daemon.stop() == 0, "relay serve did not exit 0 on SIGTERM"
+            daemon.close()
+            tracebacks = [e["text"] for e in daemon.lines if "Traceback" in e.get("text", "")]
+            assert not tracebacks, f"the daemon printed a traceback: {tracebacks}"
+    finally:  # a daemon that would not stop is killed, not left to the next test
+        for daemon in made:
+            daemon.close()
 
 
 @pytest.fixture

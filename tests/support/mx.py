@@ -4,12 +4,16 @@ in its own thread and event loop, recording what they accept and replying as the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import os
+import random
 import socket
 import ssl
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pytest
@@ -21,8 +25,11 @@ ACCEPT = "250 2.0.0 OK"
 DROP = "<drop>"  # a scripted "reply" that closes the connection instead of answering
 HANG = "<hang>"  # a scripted "reply" that never comes; the connection stays open
 SLOW = "<slow {seconds}> "  # prefix: SLOW.format(seconds=2) + "250 ok" answers 2 s late
-PORT_ATTEMPTS = 20
+HELD = "<held> "  # prefix: HELD + "250 ok" answers when the test calls release() (or after 60 s)
+HELD_AT_MOST = 60.0
+PORT_ATTEMPTS = 200
 PROBE_ADDRESSES = [f"127.0.0.{n}" for n in range(1, 10)]
+LOWEST_PORT = 10_000
 
 
 @dataclass
@@ -107,6 +114,10 @@ class _Handler:
         if reply.startswith("<slow "):
             seconds, _, reply = reply[len("<slow ") :].partition("> ")
             await asyncio.sleep(float(seconds))
+        if reply.startswith(HELD):
+            reply = reply[len(HELD) :]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sink.gate.wait(), HELD_AT_MOST)
         if reply in (DROP, HANG):
             if reply == DROP:
                 cast(asyncio.Transport, server.transport).abort()
@@ -195,6 +206,7 @@ class MxSink:
         self.pipelined: list[str] = []  # those that arrived with more bytes right behind them
         self._scripts: dict[str, _Script] = {}
         self._changed = threading.Condition()
+        self.gate = asyncio.Event()  # what HELD replies wait for; release() opens it
         self._transports: list[asyncio.Transport] = []
         self._options: dict[str, Any] = {"hostname": f"mx.{ip}", "enable_SMTPUTF8": smtputf8}
         if auth is not None:
@@ -228,6 +240,15 @@ class MxSink:
     def script_data(self, *replies: str) -> None:
         """Replies after the final dot; messages given a non-2xx reply are not recorded."""
         self._script("data", replies)
+
+    def release(self) -> None:
+        """Send the HELD replies waiting now; those scripted after them wait for the next call."""
+
+        def open_gate() -> None:
+            self.gate.set()
+            self.gate = asyncio.Event()
+
+        self._loop.call_soon_threadsafe(open_gate)
 
     def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
         """Block until at least count messages were accepted; AssertionError if they never are."""
@@ -340,7 +361,7 @@ class MxNet:
     """MX sinks on 127.0.0.2, 127.0.0.3, … all on one port (what delivery.port points at)."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port(*PROBE_ADDRESSES)  # so that all sinks can share it
         self.sinks: list[MxSink] = []
 
     def sink(self, ip: str, **options: Any) -> MxSink:
@@ -384,19 +405,40 @@ def _reverse_path(mail_from: str | None) -> str:
     return "" if mail_from in (None, "<>") else str(mail_from)
 
 
-def _free_port() -> int:
-    """A port that is free on 127.0.0.1 and the first sink addresses, so all sinks can share it."""
+def _port_range() -> range:
+    """The ports this process hands out: below the kernel's ephemeral range (a port the kernel
+    hands out can be taken as a client's source port before a server binds it), and under
+    pytest-xdist a slice of it for each worker, so that two workers never pick the same port."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, … (unset without xdist)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    span = (low - LOWEST_PORT) // workers
+    if span < PORT_ATTEMPTS:
+        raise RuntimeError(f"no room for {workers} worker(s) between {LOWEST_PORT} and {low}")
+    start = LOWEST_PORT + int(worker.removeprefix("gw")) * span
+    return range(start, start + span)
+
+
+_handed_out: set[int] = set()  # none is handed out twice before half the range has been
+
+
+def free_port(*hosts: str) -> int:
+    """A port free to listen on at every one of hosts (default 127.0.0.1), from this process's
+    range and not handed out lately: what a test names in a config is bound only later."""
+    ports = _port_range()
+    if len(_handed_out) > len(ports) // 2:
+        _handed_out.clear()
     for _ in range(PORT_ATTEMPTS):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if all(_bindable(ip, port) for ip in PROBE_ADDRESSES):
+        port = random.choice(ports)
+        if port not in _handed_out and all(_bindable(ip, port) for ip in hosts or ["127.0.0.1"]):
+            _handed_out.add(port)
             return port
-    raise RuntimeError(f"no port free on all of {PROBE_ADDRESSES}")
+    raise RuntimeError(f"no port free on all of {hosts} in {ports}")
 
 
 def _bindable(ip: str, port: int) -> bool:
-    with socket.socket() as probe:
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family) as probe:
         try:
             probe.bind((ip, port))
         except OSError:

@@ -3,10 +3,13 @@ prometheus server on loopback that scrapes one relay and answers PromQL through 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +31,9 @@ TEST_TIMEOUT = INSTALL_TIMEOUT + 120
 # invoke-rc.d asks this script whether a package may start its service; 101 means "no", so the
 # package's postinst leaves no system prometheus running on :9090 (see invoke-rc.d(8)).
 POLICY_RC_D = Path("/usr/sbin/policy-rc.d")
+# Held around every apt-get the suite runs: pytest-xdist workers each set up their own session
+# fixtures, and a second apt-get fails at once on the lock the first holds.
+APT_LOCK = Path(tempfile.gettempdir()) / "relay-tests-apt.lock"
 QUERY_TIMEOUT = 5.0
 T = TypeVar("T")
 
@@ -76,11 +82,24 @@ def _apt_get(deadline: float, *args: str) -> None:
         raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}: {errors[-1]}")
 
 
+@contextlib.contextmanager
+def apt_lock() -> Iterator[None]:
+    """Wait until no other process of this suite runs apt-get, and keep it so."""
+    with APT_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def install() -> PrometheusTools:
     """Install Debian's prometheus package unless both binaries are on PATH already."""
     found = _which()
     if found is not None:
         return found
+    with apt_lock():
+        return _which() or _install()  # another worker may have installed it meanwhile
+
+
+def _install() -> PrometheusTools:
     started = time.monotonic()
     own_policy = not POLICY_RC_D.exists()
     if own_policy:

@@ -130,18 +130,26 @@ def stuff(content: bytes) -> bytes:
     return b"." + stuffed if stuffed.startswith(b".") else stuffed
 
 
+@pytest.fixture(scope="module")
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A spool's tmp/ for a property test: hypothesis runs all its examples in one call of the
+    test, with one value of each fixture, so a function-scoped tmp_path is refused."""
+    return tmp_path_factory.mktemp("spill")
+
+
 WORDS = st.sampled_from([b"a", b".", b"..", b"x" * 300, b" ", b"\r"])
 LINES = st.lists(st.lists(WORDS, max_size=3).map(b"".join), max_size=40).map(b"\r\n".join)
 
 
 @settings(max_examples=200, deadline=None)
 @given(body=LINES, limit=st.sampled_from([4, 7, 64, 1000, 65536]))
-def test_any_content_comes_back_whole_however_the_reads_fall(body: bytes, limit: int) -> None:
+def test_any_content_comes_back_whole_however_the_reads_fall(
+    shared_tmp: Path, body: bytes, limit: int
+) -> None:
     """Content cut into reads anywhere (the reader's limit decides where) is unstuffed and
     ends exactly as the whole would be."""
     content = body + b"\r\n" if body else body
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    draft, problem, rest = read(stuff(content) + b".\r\nQUIT\r\n", None, tmp, limit)
+    draft, problem, rest = read(stuff(content) + b".\r\nQUIT\r\n", None, shared_tmp, limit)
     assert (content_of(draft), problem, rest) == (content, None, b"QUIT\r\n")
     draft.discard()
 
