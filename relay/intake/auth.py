@@ -4,6 +4,7 @@ password check off the event loop, slowed down by the guard after each failure."
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 
 from aiosmtpd.smtp import AuthResult, Session
@@ -15,9 +16,14 @@ from relay.observe import logs, metrics
 
 REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
 REPLY_AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
-# A well-formed hash that matches nothing, checked for unknown users so that failing with an
-# unknown name takes as long as failing with a wrong password.
-DUMMY_HASH = users.hash_password("relay-dummy-password")
+
+
+@functools.cache
+def dummy_hash() -> str:
+    """A well-formed hash that matches nothing, checked for unknown users so that failing with
+    an unknown name takes as long as failing with a wrong password (made at first use: a
+    scrypt hash costs every process that imports this module 0.16 s otherwise)."""
+    return users.hash_password("relay-dummy-password")
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,11 @@ class Credentials:
     mechanism: str
     login: bytes
     password: bytes
+
+
+def password_matches(password: str, user: users.User | None) -> bool:
+    """The password check, as slow for an unknown user as for a known one (in a thread)."""
+    return users.check_password(password, user.password_hash if user else dummy_hash())
 
 
 class Auth:
@@ -71,8 +82,7 @@ class Auth:
         name = creds.login.decode("utf-8", "replace")
         user = self.table().get(name)
         password = creds.password.decode("utf-8", "replace")
-        stored = user.password_hash if user else DUMMY_HASH
-        ok = await asyncio.to_thread(users.check_password, password, stored)
+        ok = await asyncio.to_thread(password_matches, password, user)
         if user is None or not ok:
             delay = self.guard.auth_failed(ip)
             await asyncio.sleep(delay)

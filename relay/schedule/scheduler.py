@@ -28,6 +28,7 @@ from relay.spool.store import Spool
 
 # Gauges and the heartbeat are refreshed this often.
 TICK = 1.0
+CUT_AGAIN = 0.1  # seconds between cancels of the attempts a cut has not ended yet
 
 
 class Scheduler:
@@ -193,9 +194,16 @@ class Scheduler:
         """Cancel every attempt in flight now (a second SIGTERM, or the grace period's end)."""
         self.stopping = True
         tasks = [t for t in self.tasks if not t.done()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        left = tasks
+        while left:
+            # Again until they end: on Python 3.11 asyncio.wait_for drops a cancel that arrives
+            # with the reply it waits for (aiosmtplib waits for each reply so), and the attempt
+            # would go on to its next command.
+            for task in left:
+                task.cancel()
+            await asyncio.wait(left, timeout=CUT_AGAIN)
+            left = [t for t in left if not t.done()]
+        await asyncio.gather(*tasks, return_exceptions=True)  # collected, never raised
         return len(tasks)
 
     async def reconfigure(self, cfg: Config) -> None:
