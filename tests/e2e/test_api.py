@@ -16,30 +16,15 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
-from tests.support.daemon import Relay, RelayFactory, api_on, eventually
+from tests.support.api import add_token, assert_problem
+from tests.support.daemon import RelayFactory, api_on, eventually
 from tests.support.mx import MxSink
 
 pytestmark = pytest.mark.e2e
-PROBLEM = "application/problem+json"
 
 
 def with_tokens(tmp_path: Path, **settings: Any) -> dict[str, Any]:
     return api_on(tokens_file=str(tmp_path / "tokens"), **settings)
-
-
-def add_token(daemon: Relay, name: str, *options: str) -> str:
-    """`relay token add`: the token is stdout's only line."""
-    done = daemon.cli("token", "add", name, *options)
-    [token] = done.stdout.splitlines()
-    assert f"token {name} added" in done.stderr and "shown only this once" in done.stderr
-    return token
-
-
-def assert_problem(answer: tuple[int, dict[str, str], Any], status: int, detail: str) -> None:
-    code, headers, body = answer
-    assert code == status and headers["Content-Type"] == PROBLEM
-    assert body["status"] == status and body["type"] == "about:blank" and body["title"]
-    assert detail in body["detail"]
 
 
 def nice(pid: int) -> int:  # field 19 of /proc/PID/stat, counted after the ") "

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from relay.cli.fail import EX_USAGE
-from tests.e2e.test_api import add_token, assert_problem
-from tests.e2e.test_lanes_quota import PASSWORD, with_user
+from tests.support.api import add_token, assert_problem
 from tests.support.daemon import Relay, RelayFactory, api_on, merge
+from tests.support.load import PASSWORD, with_user
 from tests.support.mx import MxSink
 
 pytestmark = pytest.mark.e2e

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from tests.e2e.test_api import add_token, assert_problem
+from tests.support.api import add_token, assert_problem
 from tests.support.daemon import Relay, RelayFactory, api_on, merge
 from tests.support.load import with_user
 from tests.support.mx import MxSink

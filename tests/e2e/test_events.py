@@ -13,12 +13,13 @@ from typing import Any
 
 from relay.api.schemas import STATUSES
 from relay.mail.events import OF_ATTEMPT
-from relay.spool.journal import files, read, writer_of
+from relay.spool.journal import files, writer_of
 from tests.support.daemon import Relay, RelayFactory, api_on, merge
 from tests.support.load import (
     CONCURRENCY,
     PASSWORD,
     delivered_ids,
+    journal,
     kill9_under_load,
     pid_alive,
     with_user,
@@ -29,12 +30,6 @@ HOUR = {"delivery": {"retry": {"schedule": ["1h"]}}}
 COMMON = {"event_id", "event", "timestamp", "id", "tenant", "batch_id", "sender", "status"}
 ATTEMPT = {"rcpt", "attempt", "reply", "code", "enhanced", "mx", "ip", "tls"}
 RECEIVED = {"rcpts", "size", "lane", "send_at"}
-
-
-def journal(daemon: Relay) -> list[dict[str, Any]]:
-    """Every complete event in the spool's journal files, in the order of their ids (time)."""
-    found = [e for path in files(daemon.spool / "events") for e in read(path, 0)[0]]
-    return sorted(found, key=lambda e: str(e["event_id"]))
 
 
 def of(daemon: Relay, queue_id: str) -> list[dict[str, Any]]:

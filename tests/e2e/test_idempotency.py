@@ -14,9 +14,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from tests.e2e.test_events import journal
-from tests.e2e.test_lanes_quota import PASSWORD, with_user
 from tests.support.daemon import Relay, RelayFactory, eventually
+from tests.support.load import PASSWORD, journal, with_user
 from tests.support.mx import ACCEPT, MxSink
 
 KEY = "order-4711/confirmation"

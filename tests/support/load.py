@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from relay.spool.journal import files, read
 from tests.support.daemon import Relay, RelayFactory
 from tests.support.mx import MxSink
 
@@ -95,3 +96,9 @@ def with_user(relay: RelayFactory, settings: dict[str, Any], tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr
     daemon.start()
     return daemon
+
+
+def journal(daemon: Relay) -> list[dict[str, Any]]:
+    """Every complete event in the spool's journal files, in the order of their ids (time)."""
+    found = [e for path in files(daemon.spool / "events") for e in read(path, 0)[0]]
+    return sorted(found, key=lambda e: str(e["event_id"]))
