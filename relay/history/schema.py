@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from relay.spool import cursor
+
 VERSION = 1
 TABLES = """
 CREATE TABLE IF NOT EXISTS events (
@@ -54,10 +56,6 @@ CREATE TABLE IF NOT EXISTS recipients (
     PRIMARY KEY (id, address)
 );
 CREATE INDEX IF NOT EXISTS recipients_by_address ON recipients (address COLLATE NOCASE, id);
-CREATE TABLE IF NOT EXISTS offsets (
-    file TEXT PRIMARY KEY,                  -- a journal file's name
-    offset INTEGER NOT NULL                 -- how far its events are taken in
-);
 """
 
 
@@ -65,11 +63,8 @@ def connect(path: Path) -> sqlite3.Connection:
     """The history database at path, created if missing, in WAL mode. synchronous=NORMAL: a
     power cut may lose the last transactions, which are taken in again from the journal
     (their offsets are in the same transactions)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db = cursor.connect(path)
     db.row_factory = sqlite3.Row
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA foreign_keys=OFF")
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version not in (0, VERSION):
@@ -77,5 +72,4 @@ def connect(path: Path) -> sqlite3.Connection:
         raise ValueError(f"{path}: history format {version}, this relay reads {VERSION}")
     db.executescript(TABLES)
     db.execute(f"PRAGMA user_version={VERSION}")
-    path.chmod(0o600)
     return db

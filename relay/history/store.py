@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from relay.history import project, schema
 from relay.mail.events import iso
+from relay.spool.cursor import Reader
 
 MAX_LIMIT = 1000
 
@@ -33,66 +33,36 @@ class Query:
     cursor: str | None = None
 
 
-class History:
+class History(Reader):
     """The message history in one SQLite file; one process writes it (the API's), any may read.
     Methods are safe to call from worker threads, one at a time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.db = schema.connect(path)
-        self.lock = threading.Lock()
-
-    def close(self) -> None:
-        with self.lock:
-            self.db.close()
+        super().__init__(schema.connect(path))
 
     # --- taking events in ----------------------------------------------------------------------
-
-    def offset(self, file: str) -> int:
-        """How far the events of a journal file are taken in (0 for a new file)."""
-        with self.lock:
-            row = self.db.execute("SELECT offset FROM offsets WHERE file=?", (file,)).fetchone()
-        return int(row[0]) if row else 0
 
     def take(self, file: str, events: Sequence[dict[str, Any]], offset: int) -> int:
         """Apply events read from file up to offset, in one transaction with the new offset:
         a crash repeats none and loses none. Returns how many were new. Two callers may take
         the same file at once (the follower and a request catching up): the offset only grows,
         and an event taken twice changes nothing."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                added = sum(project.apply(self.db, event) for event in events)
-                self.db.execute(
-                    "INSERT INTO offsets (file, offset) VALUES (?, ?)"
-                    " ON CONFLICT (file) DO UPDATE SET offset=MAX(offset, excluded.offset)",
-                    (file, offset),
-                )
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
+        with self.transaction():
+            added = sum(project.apply(self.db, event) for event in events)
+            self.advance(file, offset)
         return added
-
-    def forget_files(self, kept: Sequence[str]) -> None:
-        """Drop the offsets of journal files that are gone (pruned)."""
-        with self.lock:
-            known = [row[0] for row in self.db.execute("SELECT file FROM offsets")]
-            gone = [(name,) for name in known if name not in set(kept)]
-            self.db.executemany("DELETE FROM offsets WHERE file=?", gone)
 
     def prune(self, before: float) -> int:
         """Forget messages that ended before `before` (UTC epoch), with their recipients, and
         every event older than it; returns how many messages went."""
-        with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
+        with self.transaction():
             ids = [r[0] for r in self.db.execute(
                 "SELECT id FROM messages WHERE finished_at IS NOT NULL AND finished_at < ?",
                 (before,))]  # fmt: skip
             for table in ("messages", "recipients"):
                 self.db.executemany(f"DELETE FROM {table} WHERE id=?", [(i,) for i in ids])
             self.db.execute("DELETE FROM events WHERE at < ?", (before,))
-            self.db.execute("COMMIT")
         return len(ids)
 
     # --- queries ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ LEVELS = (
     ("config",),
     ("observe",),
     ("spool",),
-    ("delivery", "intake", "history"),
+    ("delivery", "intake", "history", "hooks"),
     ("schedule",),
     ("ops",),
     ("api",),

@@ -1,0 +1,79 @@
+"""Spool, journal readers' databases: a reader of the event journal (the message history, each
+webhook's outbox) keeps how far it has taken in each journal file in its own SQLite database
+(WAL), in the same transaction as what it made of the events, so a crash repeats events and
+never skips one."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+OFFSETS = """
+CREATE TABLE IF NOT EXISTS offsets (
+    file TEXT PRIMARY KEY,                  -- a journal file's name
+    offset INTEGER NOT NULL                 -- how far its events are taken in
+);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """The database at path (0600, its directory 0700), created if missing, in WAL mode with
+    synchronous=NORMAL: a power cut may lose the last transactions, offsets with them, and
+    their events are taken in again."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    path.chmod(0o600)
+    return db
+
+
+class Reader:
+    """The database of one reader of the journal; its methods may be called from worker
+    threads, one at a time (self.lock)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.lock = threading.Lock()
+        db.executescript(OFFSETS)
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def offset(self, file: str) -> int:
+        """How far the events of a journal file are taken in (0 for a new file)."""
+        with self.lock:
+            row = self.db.execute("SELECT offset FROM offsets WHERE file=?", (file,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def advance(self, file: str, offset: int) -> None:
+        """Record file's new offset (in the caller's transaction); it only ever grows, so two
+        callers taking the same file at once leave the furthest."""
+        self.db.execute(
+            "INSERT INTO offsets (file, offset) VALUES (?, ?)"
+            " ON CONFLICT (file) DO UPDATE SET offset=MAX(offset, excluded.offset)",
+            (file, offset),
+        )
+
+    def forget_files(self, kept: Sequence[str]) -> None:
+        """Drop the offsets of journal files that are gone (pruned)."""
+        with self.lock:
+            known = [row[0] for row in self.db.execute("SELECT file FROM offsets")]
+            gone = [(name,) for name in known if name not in set(kept)]
+            self.db.executemany("DELETE FROM offsets WHERE file=?", gone)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE … COMMIT under the lock, or ROLLBACK on an exception."""
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
