@@ -4,7 +4,6 @@ time), read by the API worker (again whenever it changes) and managed by `relay 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from relay.observe import logs
-from relay.spool.durable import fsync_dir
+from relay.spool.durable import replace_private
 
 SCOPES = ("read", "send", "cancel")
 ALL_TENANTS = "*"  # in the file: a token that sees every tenant
@@ -113,21 +112,9 @@ def check_name(name: str) -> str:
 
 
 def save(path: Path, table: dict[str, Token]) -> None:
-    """Replace the file atomically and durably (written, fsync'd, renamed, its directory
-    fsync'd: a crash leaves the old file or the new one), readable by its owner only (0600)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    """Replace the file atomically and durably, 0600 (durable.replace_private)."""
     body = "".join(f"{t.line()}\n" for t in sorted(table.values(), key=lambda t: t.name))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(HEADER + body)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_private(path, HEADER + body)
 
 
 class Tokens:

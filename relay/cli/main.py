@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from relay import config
-from relay.cli import admin, history, queue, token
+from relay.cli import admin, history, queue, token, webhook
 from relay.cli.fail import EX_CONFIG, EX_USAGE, Fail
 from relay.daemon import supervisor as daemon
 from relay.ops import control
@@ -30,6 +30,7 @@ HELP = {
     "user add": "add a user (prompts for the password)",
     "user passwd": "change a user's password",
     "user delete": "remove a user",
+    "webhook secret": "add a new signing secret to the webhook's secret_file and print it",
 }
 
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
     add_user_commands(sub, common)
     add_token_commands(sub, common)
+    add_webhook_commands(sub, common)
     sub.add_parser("history", help="the message history (docs/events.md)").add_subparsers(
         dest="action", required=True, parser_class=Parser
     ).add_parser(
@@ -93,6 +95,17 @@ def add_token_commands(sub: argparse._SubParsersAction[Parser], common: Parser) 
         help="comma-separated: read, send, cancel (default: all three)",
     )  # fmt: skip
     cmds.add_parser("delete", parents=[common], help="delete a token").add_argument("name")
+
+
+def add_webhook_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
+    cmds = sub.add_parser("webhook", help="manage webhooks").add_subparsers(
+        dest="action", required=True, parser_class=Parser
+    )
+    secret = cmds.add_parser("secret", parents=[common], help=HELP["webhook secret"])
+    secret.add_argument("name", help="the webhook's name in the configuration")
+    secret.add_argument(
+        "--replace", action="store_true", help="make it the only secret (default: add it)"
+    )
 
 
 def add_dkim_commands(sub: argparse._SubParsersAction[Parser], common: Parser) -> None:
@@ -167,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         return admin.manage_users(cfg, args)
     if args.command == "token":
         return token.manage_tokens(cfg, args)
+    if args.command == "webhook":
+        return webhook.manage_webhooks(cfg, args)
     if args.command == "dkim":
         return admin.dkim_keygen(args)
     spool = Spool(cfg.spool.path)

@@ -29,6 +29,7 @@ from relay.config.schema import ConfigError, build, option
 from relay.config.smtp import SmtpConfig
 from relay.config.spool import SpoolConfig
 from relay.config.throttle import ThrottleConfig
+from relay.config.webhooks import WebhookConfig, webhooks
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    # Endpoints sent the journal's events, signed (Standard Webhooks); none by default.
+    webhooks: tuple[WebhookConfig, ...] = option(webhooks, ())
 
     def provider(self, mx_host: str | None) -> str:
         """The provider whose pattern matches mx_host first, else 'other'."""
@@ -162,4 +165,15 @@ def _inconsistency(cfg: Config) -> str | None:
             ssl.create_default_context().load_verify_locations(cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
             return f"delivery.tls.ca_file: cannot load {ca_file}: {why(exc)}"
+    return _webhooks_inconsistency(cfg.webhooks)
+
+
+def _webhooks_inconsistency(hooks: tuple[WebhookConfig, ...]) -> str | None:
+    """A webhook's extra CA file must load, as delivery.tls.ca_file must."""
+    for index, hook in enumerate(hooks):
+        if hook.ca_file is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=hook.ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                return f"webhooks: [{index}] ca_file: cannot load {hook.ca_file}: {why(exc)}"
     return None

@@ -11,26 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from relay.history.store import History
-from relay.spool import journal
+from relay.spool import cursor, journal
 
 POLL = 0.2  # seconds between looks at the journal when it had nothing new
 
 
 def catch_up(history: History, directory: Path) -> int:
     """Take in every complete event not yet taken in; how many were new."""
-    added = 0
-    for path in journal.files(directory):
-        offset = history.offset(path.name)
-        while True:
-            try:
-                events, after = journal.read(path, offset)
-            except FileNotFoundError:  # pruned meanwhile
-                break
-            if after == offset:
-                break
-            added += history.take(path.name, events, after)
-            offset = after
-    return added
+    return cursor.catch_up(history, directory, history.take)
 
 
 def prune(history: History, directory: Path, retention: float, now: float | None = None) -> None:

@@ -8,8 +8,14 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
+
+from relay.spool import journal
+
+# take(file name, events read, the offset after them) -> how many were new
+Take = Callable[[str, list[dict[str, Any]], int], int]
 
 OFFSETS = """
 CREATE TABLE IF NOT EXISTS offsets (
@@ -77,3 +83,21 @@ class Reader:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+
+
+def catch_up(reader: Reader, directory: Path, take: Take) -> int:
+    """Read every complete event of the journal in directory that reader has not taken in,
+    file by file from its offsets, handing each read to take; how many were new."""
+    added = 0
+    for path in journal.files(directory):
+        offset = reader.offset(path.name)
+        while True:
+            try:
+                events, after = journal.read(path, offset)
+            except FileNotFoundError:  # pruned meanwhile
+                break
+            if after == offset:
+                break
+            added += take(path.name, events, after)
+            offset = after
+    return added

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,3 +66,25 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_private(path: Path, text: str) -> None:
+    """Replace a small file of secrets atomically and durably (written, fsync'd, renamed, its
+    directory fsync'd: a crash leaves the old file or the new one), readable by its owner only
+    (0600) and owned as the file it replaces, so the relay's user can still read a file that
+    root rewrote."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                before = path.stat()
+                os.fchown(fh.fileno(), before.st_uid, before.st_gid)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
