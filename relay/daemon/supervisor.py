@@ -99,8 +99,10 @@ class Supervisor:
         self.spool = spool
         self.metrics_dir = spool.run_path("metrics")
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-        # The workers this daemon runs (the API's only while api.listen is set).
-        self.roles = tuple(r for r in ROLES if r != "api" or cfg.api.listen is not None)
+        # The workers this daemon runs (the API's only while api.listen is set, the webhook
+        # sender's only while webhooks are configured; both restart-only).
+        wanted = {"api": cfg.api.listen is not None, "hooks": bool(cfg.webhooks)}
+        self.roles = tuple(r for r in ROLES if wanted.get(r, True))
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self.ready: set[str] = set()
         self.seen: dict[str, float] = {}

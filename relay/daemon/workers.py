@@ -29,7 +29,8 @@ from relay.schedule.wake import listen_wake
 from relay.spool.run import SCHEDULER_LOCK, WAKE_SOCKET, spool_lock
 from relay.spool.store import Spool
 
-ROLES = ("intake", "scheduler", "api")  # api only while api.listen is set
+ROLES = ("intake", "scheduler", "api", "hooks")  # api while api.listen is set, hooks while
+# webhooks are configured
 STATUS_FD = "RELAY_STATUS_FD"
 SUPERVISOR_PID = "RELAY_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
@@ -49,11 +50,12 @@ def worker(role: str, config_file: str | None, cfg: config.Config) -> int:
     logs.configure(role)
     _die_with_parent()
     _tune_gc()
-    os.nice({"scheduler": SCHEDULER_NICE, "api": API_NICE}.get(role, 0))
+    os.nice({"scheduler": SCHEDULER_NICE, "api": API_NICE, "hooks": API_NICE}.get(role, 0))
     runner: Callable[[Worker], Coroutine[Any, Any, int]] = {
         "intake": run_intake,
         "scheduler": run_scheduler,
         "api": run_api,
+        "hooks": run_hooks,
     }[role]
     return asyncio.run(runner(Worker(role, config_file, cfg)))
 
@@ -218,6 +220,38 @@ async def run_api(w: Worker) -> int:
     beat.cancel()
     logs.event("stopped")
     return 0
+
+
+async def run_hooks(w: Worker) -> int:
+    """Every webhook endpoint's sender; its own process (at the API's nice value), so that a
+    slow endpoint never takes time from mail. A reload starts the senders afresh."""
+    w.listen_for_signals()
+    w.spool.hooks_dir.mkdir(mode=0o700, exist_ok=True)
+    stop = asyncio.Event()
+    running = asyncio.ensure_future(_webhooks(w.cfg, w.spool, stop))
+    await asyncio.sleep(0)  # the outboxes are open (a new one at the journal's end) when ready
+    w.ready(webhooks=[h.name for h in w.cfg.webhooks])
+    beat = asyncio.ensure_future(w.heartbeat())
+
+    async def reload(cfg: config.Config) -> None:
+        nonlocal stop, running
+        stop.set()
+        await running
+        stop = asyncio.Event()
+        running = asyncio.ensure_future(_webhooks(cfg, w.spool, stop))
+
+    await w.until_stop(reload)
+    stop.set()
+    await running
+    beat.cancel()
+    logs.event("stopped")
+    return 0
+
+
+async def _webhooks(cfg: config.Config, spool: Spool, stop: asyncio.Event) -> None:
+    from relay.hooks.service import Webhooks
+
+    await Webhooks(cfg.webhooks, spool.hooks_dir, spool.events_dir).run(stop)
 
 
 async def run_scheduler(w: Worker) -> int:

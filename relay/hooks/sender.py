@@ -20,6 +20,8 @@ from relay.hooks import payload
 from relay.hooks.outbox import Outbox, Owed
 from relay.spool import cursor
 
+# report(outcome, error): told of each try, for metrics and logs
+Report = Callable[[str, str | None], None]
 POLL = 0.5  # seconds between looks at the journal and the outbox when nothing is due sooner
 BATCH = 100  # events asked of the outbox at a time
 
@@ -56,7 +58,7 @@ class Sender:
         outbox: Outbox,
         events_dir: Path,
         secrets: Callable[[], list[str]],
-        report: Callable[[str, str | None], None] = lambda outcome, error: None,
+        report: Report = lambda outcome, error: None,
     ) -> None:
         self.hook, self.outbox, self.events_dir = hook, outbox, events_dir
         self.secrets, self.report = secrets, report
@@ -121,7 +123,10 @@ class Sender:
     async def post(self, item: Owed) -> tuple[int | None, str | None, str | None]:
         """(status, Retry-After, None), or (None, None, what failed) without an answer."""
         assert self.session is not None
-        secrets = await asyncio.to_thread(self.secrets)
+        try:
+            secrets = await asyncio.to_thread(self.secrets)
+        except Exception as exc:  # no usable secret: never send unsigned; try again later
+            return None, None, f"secret_file: {exc}"
         head = payload.headers(item.event_id, time.time(), item.body, secrets)
         timeout = aiohttp.ClientTimeout(total=self.hook.timeout)
         try:

@@ -76,6 +76,39 @@ TLS_FAILED = Counter(
     ["listener", "reason"],
 )
 
+# --- webhooks (the hooks worker) -------------------------------------------------------------
+WEBHOOK_RESULTS = ("delivered", "retry", "failed", "gone")
+WEBHOOK_DELIVERIES = Counter(
+    "relay_webhook_deliveries",
+    "Webhook requests by endpoint and result: delivered (2xx), retry (timeout, connection, 5xx, "
+    "429), failed (another 4xx: the event is dropped), gone (410: the endpoint is disabled).",
+    ["webhook", "result"],
+)
+WEBHOOK_PENDING = Gauge(
+    "relay_webhook_pending_events",
+    "Events owed to a webhook endpoint and not yet taken by it (parked ones excluded).",
+    ["webhook"],
+    multiprocess_mode="livemax",
+)
+WEBHOOK_LAG = Gauge(
+    "relay_webhook_lag_seconds",
+    "Age of the oldest event a webhook endpoint has not taken yet (0 when none).",
+    ["webhook"],
+    multiprocess_mode="livemax",
+)
+WEBHOOK_DISABLED = Gauge(
+    "relay_webhook_disabled",
+    "1 while a webhook endpoint is disabled (it answered 410; relay webhook enable NAME).",
+    ["webhook"],
+    multiprocess_mode="livemax",
+)
+WEBHOOK_PARKED = Gauge(
+    "relay_webhook_parked_events",
+    "Events a webhook endpoint never took within the retry schedule (relay webhook replay).",
+    ["webhook"],
+    multiprocess_mode="livemax",
+)
+
 # --- scheduler ------------------------------------------------------------------------------
 QUEUE = Gauge(
     "relay_queue_messages", "Queued messages by state.", ["state"], multiprocess_mode="livesum"

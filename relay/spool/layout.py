@@ -19,6 +19,7 @@ CORRUPT = "corrupt"
 RUN = "run"
 EVENTS = "events"  # the event journal (relay.spool.journal, docs/events.md)
 HISTORY = "history"  # the message history (relay.history, docs/events.md)
+HOOKS = "hooks"  # each webhook endpoint's outbox (relay.hooks, docs/webhooks.md)
 STATE_SUFFIX = ".json"
 
 
@@ -32,7 +33,7 @@ class Layout:
 
     def prepare(self) -> None:
         """Create the directory tree (0700) if it does not exist yet."""
-        for name in (QUEUE, DEAD, MSG, TMP, CORRUPT, RUN, EVENTS, HISTORY):
+        for name in (QUEUE, DEAD, MSG, TMP, CORRUPT, RUN, EVENTS, HISTORY, HOOKS):
             (self.root / name).mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def content_path(self, msg_id: str) -> Path:
@@ -55,6 +56,11 @@ class Layout:
     def history_path(self) -> Path:
         """The message history's SQLite file (relay.history)."""
         return self.root / HISTORY / "history.sqlite"
+
+    @property
+    def hooks_dir(self) -> Path:
+        """The webhook endpoints' outboxes (relay.hooks)."""
+        return self.root / HOOKS
 
     def run_path(self, name: str) -> Path:
         return self.root / RUN / name

@@ -103,7 +103,7 @@ def test_a_deferral_is_saved_with_its_next_attempt(tmp_path: Path) -> None:
         # So does a domain that does not exist, without a connection.
         ({}, {}, {"a.test": "550 5.1.2 no such domain"}, "failed", "550 5.1.2 no such domain"),
         # Temporary failures until max_age: a last attempt at the deadline, then it expires.
-        ({"schedule": ["0.2s"], "max_age": "0.5s"}, {"a.test": [LATER]}, {}, "expired", LATER),
+        ({"schedule": ["0.2s"], "max_age": "1.5s"}, {"a.test": [LATER]}, {}, "expired", LATER),
     ],
 )
 def test_a_recipient_that_cannot_be_delivered_is_dead_lettered(

@@ -1,0 +1,74 @@
+"""Webhooks on the real daemon (issue 15, first end-to-end steps): a receiver on loopback that
+verifies every signature gets each event of delivered, deferred-then-delivered and bounced mail
+once per event id, a final_only hook gets no deferral, and the deliveries are counted."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.daemon import Relay, RelayFactory
+from tests.support.mx import MxSink
+from tests.support.webhooks import Receiver
+
+pytestmark = pytest.mark.e2e
+
+
+def hooked(relay: RelayFactory, tmp_path: Path, hooks: list[dict[str, Any]]) -> Relay:
+    """A relay with these webhooks (their secret files made with `relay webhook secret`)."""
+    retry = {"delivery": {"retry": {"schedule": ["2s"], "jitter": 0}}}
+    daemon = relay({"webhooks": hooks, **retry}, start=False)
+    for hook in hooks:
+        daemon.cli("webhook", "secret", hook["name"])
+    daemon.start()
+    return daemon
+
+
+def secret_of(tmp_path: Path, name: str) -> str:
+    return (tmp_path / f"{name}.secret").read_text().split()[0]
+
+
+def test_each_event_signed_once_and_final_only(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    hooks = [
+        {"name": "app", "url": "", "secret_file": str(tmp_path / "app.secret")},
+        {"name": "ends", "url": "", "secret_file": str(tmp_path / "ends.secret"),
+         "final_only": True},
+    ]  # fmt: skip
+    sink.script_rcpt("bad@a.test", "550 5.1.1 no such user")
+    sink.script_rcpt("later@a.test", "451 4.3.0 try later", "250 2.1.5 ok")
+    receivers: dict[str, Receiver] = {}
+    daemon = relay(start=False)
+    try:
+        # The receivers need the secrets, the config needs their URLs: secrets first.
+        for hook in hooks:
+            receivers[hook["name"]] = Receiver("whsec_" + "A" * 43)
+            hook["url"] = receivers[hook["name"]].url
+        daemon.close()
+        daemon = hooked(relay, tmp_path, hooks)
+        for hook in hooks:
+            receivers[hook["name"]].secret = secret_of(tmp_path, hook["name"])
+        ids = [daemon.send([r]) for r in ("ok@a.test", "bad@a.test", "later@a.test")]
+        app, ends = receivers["app"], receivers["ends"]
+        app.wait(lambda got: sum(d["type"] == "message.delivered" for d in got) == 2, 30)
+        ends.wait(lambda got: len(got) == 3, 30)
+        kinds = Counter(d["type"] for d in app.got)
+        assert kinds == Counter({"message.received": 3, "message.delivered": 2,
+                                 "message.bounced": 1, "message.deferred": 1,
+                                 "message.dead_lettered": 1})  # fmt: skip
+        assert len({d["id"] for d in app.got}) == len(app.got)  # each event once
+        assert app.unverified == 0 and ends.unverified == 0
+        assert sorted(d["type"] for d in ends.got) == [
+            "message.bounced", "message.delivered", "message.delivered"
+        ]  # fmt: skip
+        assert {d["data"]["id"] for d in app.got} == set(ids)
+        delivered = daemon.metric("relay_webhook_deliveries_total", webhook="app",
+                                  result="delivered")  # fmt: skip
+        assert delivered == len(app.got)
+    finally:
+        for receiver in receivers.values():
+            receiver.close()
