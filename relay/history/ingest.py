@@ -12,6 +12,7 @@ from pathlib import Path
 
 from relay.history.store import History
 from relay.spool import cursor, journal
+from relay.spool.layout import HOOKS
 
 POLL = 0.2  # seconds between looks at the journal when it had nothing new
 
@@ -23,13 +24,17 @@ def catch_up(history: History, directory: Path) -> int:
 
 def prune(history: History, directory: Path, retention: float, now: float | None = None) -> None:
     """Forget what ended before the retention window, and delete journal files that are no
-    longer written, fully taken in, and last written before it."""
+    longer written, fully taken in (by the history and by every webhook's outbox), and last
+    written before it."""
     before = (time.time() if now is None else now) - retention
     history.prune(before)
     kept = []
+    outboxes = directory.parent / HOOKS
     for path in journal.files(directory):
         with contextlib.suppress(FileNotFoundError):
-            done = history.offset(path.name) >= path.stat().st_size
+            size = path.stat().st_size
+            done = history.offset(path.name) >= size
+            done = done and not cursor.wanted_by_others(outboxes, path.name, size, before)
             if done and path.stat().st_mtime < before and journal.finished(path):
                 path.unlink()
                 continue

@@ -101,3 +101,18 @@ def catch_up(reader: Reader, directory: Path, take: Take) -> int:
             added += take(path.name, events, after)
             offset = after
     return added
+
+
+def wanted_by_others(readers: Path, file: str, size: int, since: float) -> bool:
+    """Whether a reader database in the directory readers (each webhook's outbox) has not yet
+    taken in file up to size. A reader not written to since `since` (an endpoint removed
+    from the configuration long ago) no longer counts."""
+    for path in readers.glob("*.sqlite"):
+        written = max(f.stat().st_mtime for f in (path, Path(f"{path}-wal")) if f.exists())
+        if written < since:
+            continue
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT offset FROM offsets WHERE file=?", (file,)).fetchone()
+        if row is None or int(row[0]) < size:
+            return True
+    return False

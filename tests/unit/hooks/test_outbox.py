@@ -4,11 +4,18 @@ retried then parked, and counted for the metrics."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from relay.history import ingest
+from relay.history.store import History
 from relay.hooks.outbox import Outbox
+from relay.spool import cursor
+from relay.spool.journal import Journal
+
+DAY = 86400.0
 
 
 def event(n: int, name: str = "delivered", tenant: str = "shop") -> dict[str, Any]:
@@ -64,3 +71,37 @@ def test_flags(tmp_path: Path) -> None:
     assert Outbox(tmp_path / "app.sqlite").flag("disabled") == "410 Gone at 2026-12-01T10:00:00Z"
     box.set_flag("disabled", None)
     assert box.flag("disabled") is None
+
+
+def test_journal_files_wait_for_every_live_outbox_before_pruning(tmp_path: Path) -> None:
+    events_dir, hooks_dir = tmp_path / "events", tmp_path / "hooks"
+    writer = Journal(events_dir, "scheduler", tmp_path)
+    writer.append([event(1)])
+    writer.close()
+    [path] = events_dir.iterdir()
+    history = History(tmp_path / "history" / "history.sqlite")
+    ingest.catch_up(history, events_dir)
+    lagging = Outbox(hooks_dir / "app.sqlite")  # has not read the file yet
+    old = time.time() - 3 * DAY
+    os.utime(path, (old, old))
+    ingest.prune(history, events_dir, retention=DAY)
+    assert path.exists()  # the history took it in, the outbox not yet
+    cursor.catch_up(lagging, events_dir, lambda f, e, o: lagging.take(f, e, o, everything))
+    ingest.prune(history, events_dir, retention=DAY)
+    assert not path.exists()
+
+
+def test_an_outbox_idle_for_the_retention_holds_nothing_back(tmp_path: Path) -> None:
+    events_dir, hooks_dir = tmp_path / "events", tmp_path / "hooks"
+    writer = Journal(events_dir, "scheduler", tmp_path)
+    writer.append([event(1)])
+    writer.close()
+    [path] = events_dir.iterdir()
+    history = History(tmp_path / "history" / "history.sqlite")
+    ingest.catch_up(history, events_dir)
+    Outbox(hooks_dir / "gone.sqlite").close()  # an endpoint removed from the configuration
+    old = time.time() - 3 * DAY
+    for file in [path, *hooks_dir.iterdir()]:
+        os.utime(file, (old, old))
+    ingest.prune(history, events_dir, retention=DAY)
+    assert not path.exists()
