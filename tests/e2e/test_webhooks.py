@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.daemon import Relay, RelayFactory
+from tests.support.load import journal, kill9_under_load
 from tests.support.mx import MxSink
 from tests.support.webhooks import Receiver
 
@@ -72,3 +73,27 @@ def test_each_event_signed_once_and_final_only(
     finally:
         for receiver in receivers.values():
             receiver.close()
+
+
+def test_kill9_with_webhooks_in_flight_misses_nothing(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    receiver = Receiver("whsec_" + "A" * 43, delay=0.05)  # slow: a backlog at the kill
+    try:
+        hook = {"name": "app", "url": receiver.url, "secret_file": str(tmp_path / "app.secret"),
+                "max_in_flight": 2}  # fmt: skip
+        daemon = hooked(relay, tmp_path, [hook])
+        receiver.secret = secret_of(tmp_path, "app")
+        acked = kill9_under_load(daemon, at_least=60)
+        in_flight = len(receiver.got)
+        daemon.start()
+        daemon.wait_event("ready")
+        wanted = {e["event_id"] for e in journal(daemon)}
+        assert in_flight < len(wanted), "the kill came after every event was sent: load longer"
+        receiver.wait(lambda got: {d["id"] for d in got} >= wanted, 60)
+        assert {d["data"]["id"] for d in receiver.got} >= set(acked)
+        assert receiver.unverified == 0
+        repeats = sum(receiver.tries.values()) - len(receiver.tries)
+        assert repeats <= 4  # at most what was in flight at the kill (max_in_flight 2, twice)
+    finally:
+        receiver.close()

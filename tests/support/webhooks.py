@@ -22,8 +22,8 @@ Answer = Callable[[dict[str, Any], int], int]
 class Receiver:
     """POST /hook on 127.0.0.1:port; got: every verified document answered 2xx, in order."""
 
-    def __init__(self, secret: str, answer: Answer = lambda _, __: 204) -> None:
-        self.secret, self.answer = secret, answer
+    def __init__(self, secret: str, answer: Answer = lambda _, __: 204, delay: float = 0.0) -> None:
+        self.secret, self.answer, self.delay = secret, answer, delay
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.got: list[dict[str, Any]] = []
@@ -45,6 +45,7 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         data = await request.read()
+        await asyncio.sleep(self.delay)  # a slow receiver
         try:
             document = Webhook(self.secret).verify(data, dict(request.headers))
         except Exception:
