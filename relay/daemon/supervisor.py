@@ -72,6 +72,7 @@ def preflight(config_file: str | None, cfg: config.Config) -> list[str]:
         raise config.ConfigError(f"api.tokens_file: {exc}") from None
     secrets_ = [p for p in (users_file, tokens_file, cfg.smtp.tls.key) if p is not None]
     secrets_ += [key.key_file for key in cfg.dkim.keys]
+    secrets_ += [hook.secret_file for hook in cfg.webhooks]
     warnings = [problem for path in secrets_ if (problem := exposed(path, 0o007, "o-rwx"))]
     if config_file:  # like Postfix's main.cf: readable is fine, writable by others is not
         warnings += [p for p in [exposed(Path(config_file), 0o022, "go-w")] if p]
