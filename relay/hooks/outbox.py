@@ -19,6 +19,7 @@ READY, PARKED = "ready", "parked"
 TABLES = """
 CREATE TABLE IF NOT EXISTS pending (
     event_id TEXT PRIMARY KEY,              -- orders deliveries; the webhook-id
+    message TEXT NOT NULL,                  -- its message's id: one message's events in order
     created REAL NOT NULL,                  -- when the event happened (lag), UTC epoch
     body BLOB NOT NULL,                     -- the request body, made once
     failures INTEGER NOT NULL DEFAULT 0,
@@ -27,6 +28,7 @@ CREATE TABLE IF NOT EXISTS pending (
     error TEXT                              -- the last failure, for `relay webhook list`
 );
 CREATE INDEX IF NOT EXISTS pending_by_due ON pending (state, due, event_id);
+CREATE INDEX IF NOT EXISTS pending_by_message ON pending (message, event_id);
 CREATE TABLE IF NOT EXISTS flags (
     name TEXT PRIMARY KEY,                  -- disabled (a 410), last_error
     value TEXT NOT NULL
@@ -72,12 +74,16 @@ class Outbox(Reader):
         offset; how many were new (one already owed, or delivered and taken again after a
         crash, changes nothing but a repeat)."""
         now = time.time()
-        rows = [(e["event_id"], created(e, now), body(e), now, READY) for e in events if wanted(e)]
+        rows = [
+            (e["event_id"], str(e.get("id", "")), created(e, now), body(e), now, READY)
+            for e in events
+            if wanted(e)
+        ]
         with self.transaction():
             before = self.db.total_changes
             self.db.executemany(
-                "INSERT OR IGNORE INTO pending (event_id, created, body, due, state)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO pending (event_id, message, created, body, due, state)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
                 rows,
             )
             added = self.db.total_changes - before
@@ -85,12 +91,17 @@ class Outbox(Reader):
         return added
 
     def due(self, now: float, limit: int, skip: Sequence[str] = ()) -> list[Owed]:
-        """The ready events due by now, oldest event first, but those in skip (in flight)."""
+        """The ready events due by now, oldest event first, but those in skip (in flight) and
+        those whose message has an earlier event still owed (in flight, or waiting for its
+        retry): one message's events reach the endpoint in order. A parked event holds back
+        nothing."""
         with self.lock:
             rows = self.db.execute(
-                "SELECT event_id, body, failures, created FROM pending"
-                " WHERE state=? AND due<=? ORDER BY event_id LIMIT ?",
-                (READY, now, limit + len(skip)),
+                "SELECT event_id, body, failures, created FROM pending AS p"
+                " WHERE state=? AND due<=? AND NOT EXISTS (SELECT 1 FROM pending AS q"
+                "  WHERE q.message=p.message AND q.state=? AND q.event_id<p.event_id)"
+                " ORDER BY event_id LIMIT ?",
+                (READY, now, READY, limit + len(skip)),
             ).fetchall()
         out = [Owed(r[0], bytes(r[1]), r[2], r[3]) for r in rows if r[0] not in set(skip)]
         return out[:limit]

@@ -4,6 +4,8 @@ once per event id, a final_only hook gets no deferral, and the deliveries are co
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -97,3 +99,40 @@ def test_kill9_with_webhooks_in_flight_misses_nothing(
         assert repeats <= 4  # at most what was in flight at the kill (max_in_flight 2, twice)
     finally:
         receiver.close()
+
+
+def test_a_receiver_down_then_up_gets_everything_in_order_and_410_disables(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    down = threading.Event()
+    down.set()
+    receiver = Receiver("whsec_" + "A" * 43, lambda _, __: 503 if down.is_set() else 204)
+    gone = Receiver("whsec_" + "A" * 43, lambda _, __: 410)
+    try:
+        hooks = [
+            {"name": "app", "url": receiver.url, "secret_file": str(tmp_path / "app.secret")},
+            {"name": "old", "url": gone.url, "secret_file": str(tmp_path / "old.secret")},
+        ]
+        daemon = hooked(relay, tmp_path, hooks)
+        receiver.secret, gone.secret = secret_of(tmp_path, "app"), secret_of(tmp_path, "old")
+        ids = [daemon.send([f"user{n}@a.test"]) for n in range(5)]
+        sink.wait_for(5)
+        daemon.wait_event("webhook_failed", webhook="app", result="retry")
+        time.sleep(1)
+        assert receiver.got == []
+        down.clear()  # up again: the retries (5 s) bring everything
+        receiver.wait(lambda got: len(got) == 10, 30)
+        for msg_id in ids:
+            kinds = [d["type"] for d in receiver.got if d["data"]["id"] == msg_id]
+            assert kinds == ["message.received", "message.delivered"]  # in order
+        assert len({d["id"] for d in receiver.got}) == 10
+        daemon.wait_event("webhook_failed", webhook="old", result="gone")
+        time.sleep(0.5)  # what was in flight with the first 410 lands
+        sent = sum(gone.tries.values())
+        time.sleep(1.5)
+        assert sum(gone.tries.values()) == sent <= 4  # disabled: max_in_flight, then nothing
+        assert daemon.metric("relay_webhook_disabled", webhook="old") == 1
+        assert daemon.metric("relay_webhook_pending_events", webhook="old") == 10
+    finally:
+        receiver.close()
+        gone.close()

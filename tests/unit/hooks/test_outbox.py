@@ -105,3 +105,15 @@ def test_an_outbox_idle_for_the_retention_holds_nothing_back(tmp_path: Path) -> 
         os.utime(file, (old, old))
     ingest.prune(history, events_dir, retention=DAY)
     assert not path.exists()
+
+
+def test_one_messages_events_go_in_order(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "app.sqlite")
+    first, second = {**event(1), "id": "m"}, {**event(2), "id": "m"}
+    box.take("f", [first, second, event(3)], 10, everything)
+    now = time.time()
+    assert [o.event_id for o in box.due(now, 5)] == [first["event_id"], event(3)["event_id"]]
+    box.again(first["event_id"], now + 60, "HTTP 503")  # waiting: the later one waits too
+    assert [o.event_id for o in box.due(now, 5)] == [event(3)["event_id"]]
+    box.again(first["event_id"], None, "HTTP 503")  # parked: it holds nothing back
+    assert [o.event_id for o in box.due(now, 5)] == [second["event_id"], event(3)["event_id"]]
