@@ -31,6 +31,11 @@ HELP = {
     "user passwd": "change a user's password",
     "user delete": "remove a user",
     "webhook secret": "add a new signing secret to the webhook's secret_file and print it",
+    "webhook list": "every webhook: state, events pending and parked, lag, last error",
+    "webhook test": "POST a signed `test` event to the webhook and print the reply",
+    "webhook replay": "make the events its outbox still owes since TIME, parked ones too, due "
+    "now (delivered events are not kept, so not sent again)",
+    "webhook enable": "send again to a webhook disabled by a 410 Gone",
 }
 
 
@@ -101,6 +106,18 @@ def add_webhook_commands(sub: argparse._SubParsersAction[Parser], common: Parser
     cmds = sub.add_parser("webhook", help="manage webhooks").add_subparsers(
         dest="action", required=True, parser_class=Parser
     )
+    listing = cmds.add_parser("list", parents=[common], help=HELP["webhook list"])
+    listing.add_argument("--json", action="store_true", help="print one JSON array")
+    for action in ("test", "replay", "enable"):
+        said = HELP[f"webhook {action}"]
+        cmd = cmds.add_parser(action, parents=[common], help=said, description=said)
+        cmd.add_argument("name", help="the webhook's name in the configuration")
+        if action == "replay":
+            cmd.add_argument(
+                "--since", required=True, metavar="TIME",
+                help="RFC 3339 with a zone (2026-11-22T09:00:00Z) or a duration back from now "
+                "(30s, 5m, 2h, 3d)",
+            )  # fmt: skip
     secret = cmds.add_parser("secret", parents=[common], help=HELP["webhook secret"])
     secret.add_argument("name", help="the webhook's name in the configuration")
     secret.add_argument(

@@ -18,6 +18,7 @@ import aiohttp
 
 from relay.hooks import payload
 from relay.hooks.outbox import Outbox, Owed
+from relay.mail.events import iso
 from relay.spool import cursor
 
 # report(outcome, error): told of each try, for metrics and logs
@@ -146,7 +147,7 @@ class Sender:
             self.outbox.done(item.event_id)
             return
         if verdict.outcome == payload.GONE:
-            self.outbox.set_flag("disabled", f"{error} (410 Gone) at {time.time():.0f}")
+            self.outbox.set_flag("disabled", f"410 Gone at {iso(time.time())}")
         delay = verdict.after
         if delay is None:
             delay = payload.next_delay(item.failures + 1)
