@@ -24,6 +24,7 @@ ALERTS = {
     "RelayDeferralRatioHigh": "warning",
     "RelaySpoolDiskLow": "warning",
     "RelaySpoolBelowReserve": "critical",
+    "RelayWebhookLagging": "warning",
 }
 
 
