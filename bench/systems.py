@@ -24,7 +24,9 @@ from typing import Protocol
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from relay.config.webhooks import new_secret  # noqa: E402
 from tests.support.daemon import Relay, free_port  # noqa: E402
+from tests.support.webhooks import Receiver  # noqa: E402
 
 SINK_IP = "127.0.0.3"
 COUNT_RE = re.compile(rb"mesg=(\d+)")
@@ -218,11 +220,16 @@ class RelayUnderTest:
     HTTP API on as the embedded defaults have it (a revision without an API has none), so the
     history the API worker keeps is in the figures (its CPU too: pids() counts every worker)."""
 
-    def __init__(self, root: Path, sink_port: int, source: Path | None = None) -> None:
+    def __init__(
+        self, root: Path, sink_port: int, source: Path | None = None, hook_delay: float = -1.0
+    ) -> None:
         route = {"host": SINK_IP, "port": sink_port, "tls": "none"}
         settings: dict[str, object] = {"routes": [{"domains": ["*"], "via": [route]}]}
         if ((source or ROOT) / "relay" / "api").is_dir():
             settings["api"] = {"listen": f"127.0.0.1:{free_port()}"}
+        self.receiver: Receiver | None = None
+        if hook_delay >= 0:  # every event to a receiver answering after hook_delay seconds
+            settings["webhooks"] = [self.webhook(root, hook_delay)]
         self.relay = Relay(root, settings, source)
         self.relay.start()
         self.port = self.relay.port
@@ -231,9 +238,18 @@ class RelayUnderTest:
         assert self.relay.proc is not None
         return [self.relay.proc.pid, *descendants(self.relay.proc.pid)]
 
+    def webhook(self, root: Path, delay: float) -> dict[str, object]:
+        secret = new_secret()
+        (root / "hook.secret").write_text(secret + "\n")
+        (root / "hook.secret").chmod(0o600)
+        self.receiver = Receiver(secret, delay=delay)
+        return {"name": "bench", "url": self.receiver.url, "secret_file": str(root / "hook.secret")}
+
     def close(self) -> None:
         self.relay.stop()
         self.relay.close()
+        if self.receiver is not None:
+            self.receiver.close()
 
 
 def build(name: str, root: Path, sink_port: int) -> System:
@@ -241,6 +257,9 @@ def build(name: str, root: Path, sink_port: int) -> System:
     revision: bench/versions.py) or a Postfix name (see postfix_settings)."""
     if name == "relay":
         return RelayUnderTest(root, sink_port)
+    if name.startswith("relay+hook"):  # relay+hook (answers at once), relay+hook@0.5 (slowly)
+        delay = float(name.partition("@")[2] or 0)
+        return RelayUnderTest(root, sink_port, hook_delay=delay)
     if name.startswith("relay@"):
         return RelayUnderTest(root, sink_port, Path(name.removeprefix("relay@")))
     return Postfix(root, sink_port, postfix_settings(name))
