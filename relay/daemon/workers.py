@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from relay import config
 from relay.delivery.agent import SmtpAgent
@@ -28,6 +28,9 @@ from relay.schedule.scheduler import Scheduler
 from relay.schedule.wake import listen_wake
 from relay.spool.run import SCHEDULER_LOCK, WAKE_SOCKET, spool_lock
 from relay.spool.store import Spool
+
+if TYPE_CHECKING:
+    from relay.hooks.service import Webhooks
 
 ROLES = ("intake", "scheduler", "api", "hooks")  # api while api.listen is set, hooks while
 # webhooks are configured
@@ -228,8 +231,8 @@ async def run_hooks(w: Worker) -> int:
     w.listen_for_signals()
     w.spool.hooks_dir.mkdir(mode=0o700, exist_ok=True)
     stop = asyncio.Event()
-    running = asyncio.ensure_future(_webhooks(w.cfg, w.spool, stop))
-    await asyncio.sleep(0)  # the outboxes are open (a new one at the journal's end) when ready
+    # Opened before ready: a new endpoint's outbox starts at the journal's end as it is now.
+    running = asyncio.ensure_future(_webhooks(w.cfg, w.spool).run(stop))
     w.ready(webhooks=[h.name for h in w.cfg.webhooks])
     beat = asyncio.ensure_future(w.heartbeat())
 
@@ -238,7 +241,7 @@ async def run_hooks(w: Worker) -> int:
         stop.set()
         await running
         stop = asyncio.Event()
-        running = asyncio.ensure_future(_webhooks(cfg, w.spool, stop))
+        running = asyncio.ensure_future(_webhooks(cfg, w.spool).run(stop))
 
     await w.until_stop(reload)
     stop.set()
@@ -248,10 +251,12 @@ async def run_hooks(w: Worker) -> int:
     return 0
 
 
-async def _webhooks(cfg: config.Config, spool: Spool, stop: asyncio.Event) -> None:
+def _webhooks(cfg: config.Config, spool: Spool) -> Webhooks:
+    """Every endpoint's sender, its outbox opened (imported here: aiohttp's client stays out of
+    the other workers)."""
     from relay.hooks.service import Webhooks
 
-    await Webhooks(cfg.webhooks, spool.hooks_dir, spool.events_dir).run(stop)
+    return Webhooks(cfg.webhooks, spool.hooks_dir, spool.events_dir)
 
 
 async def run_scheduler(w: Worker) -> int:

@@ -262,21 +262,30 @@ def wait_dead(pids: list[int]) -> None:
     assert not any(pid_alive(pid) for pid in pids), "a worker outlived the kill"
 
 
-def test_kill9_under_load_loses_no_event_of_a_persisted_change(
-    relay: RelayFactory, sink: MxSink
-) -> None:
-    script(sink)
-    daemon = relay({"delivery": {"concurrency": CONCURRENCY}})
-    workers = [daemon.worker_pid(role) for role in ("intake", "scheduler")]
-    acked = kill9_under_load(daemon)
+def killed_under_load(
+    daemon: Relay, roles: tuple[str, ...], at_least: int
+) -> tuple[list[str], list[dict[str, Any]], dict[str, list[str]], set[tuple[str, ...]]]:
+    """kill -9 under load (every worker of roles seen dead), then what it left: the ids
+    acknowledged, the journal's events, each acknowledged message's recipients (every one
+    has its `received`) and the changes persisted (outcomes of every kind among them)."""
+    workers = [daemon.worker_pid(role) for role in roles]
+    acked = kill9_under_load(daemon, at_least=at_least)
     wait_dead(workers)
-    # What the kill left: every acknowledged message has its `received`, and every change in
-    # a state file, a dead letter or a removal has its event.
     events = journal(daemon)
     rcpts = {e["id"]: e["rcpts"] for e in events if e["event"] == "received"}
     assert set(acked) <= set(rcpts), f"{len(set(acked) - set(rcpts))} received events lost"
     changes = persisted(daemon.spool, acked, rcpts)
     assert kinds(changes) >= OUTCOMES, f"the kill came too soon: {kinds(changes)}; load longer"
+    return acked, events, rcpts, changes
+
+
+def test_kill9_under_load_loses_no_event_of_a_persisted_change(
+    relay: RelayFactory, sink: MxSink
+) -> None:
+    script(sink)
+    daemon = relay({"delivery": {"concurrency": CONCURRENCY}})
+    acked, events, rcpts, changes = killed_under_load(daemon, ("intake", "scheduler"), 150)
+    # Every change in a state file, a dead letter or a removal has its event.
     lost = changes - {(e["id"], e.get("rcpt", ""), e["event"]) for e in events}
     assert not lost, f"changes persisted without their events: {sorted(lost)[:5]}"
     # After the restart every message ends with its outcome's event.
@@ -298,14 +307,8 @@ def test_kill9_under_load_the_api_shows_every_acknowledged_message_and_its_event
     daemon = relay(merge(api_on(tokens_file=str(tmp_path / "tokens")), {"delivery": {
         "concurrency": CONCURRENCY, "retry": {"schedule": ["2s"]}}}))  # fmt: skip
     token = daemon.cli("token", "add", "reader", "--scope", "read").stdout.strip()
-    workers = [daemon.worker_pid(role) for role in ("intake", "scheduler", "api")]
-    acked = kill9_under_load(daemon, at_least=200)
-    wait_dead(workers)
-    on_disk = journal(daemon)
-    rcpts = {e["id"]: e["rcpts"] for e in on_disk if e["event"] == "received"}
-    assert set(acked) <= set(rcpts), f"{len(set(acked) - set(rcpts))} received events lost"
-    changes = persisted(daemon.spool, acked, rcpts)
-    assert kinds(changes) >= OUTCOMES, f"the kill came too soon: {kinds(changes)}; load longer"
+    roles = ("intake", "scheduler", "api")
+    acked, on_disk, _, changes = killed_under_load(daemon, roles, 200)
     history = daemon.spool / "history" / "history.sqlite"
     taken_in = history.stat().st_ino  # the history the kill interrupted, taken on from there
 

@@ -73,14 +73,20 @@ def test_flags(tmp_path: Path) -> None:
     assert box.flag("disabled") is None
 
 
-def test_journal_files_wait_for_every_live_outbox_before_pruning(tmp_path: Path) -> None:
-    events_dir, hooks_dir = tmp_path / "events", tmp_path / "hooks"
-    writer = Journal(events_dir, "scheduler", tmp_path)
+def taken_in_by_history(root: Path) -> tuple[Path, History]:
+    """A journal file of one event under root/events, which the history has taken in."""
+    writer = Journal(root / "events", "scheduler", root)
     writer.append([event(1)])
     writer.close()
-    [path] = events_dir.iterdir()
-    history = History(tmp_path / "history" / "history.sqlite")
-    ingest.catch_up(history, events_dir)
+    [path] = (root / "events").iterdir()
+    history = History(root / "history" / "history.sqlite")
+    ingest.catch_up(history, root / "events")
+    return path, history
+
+
+def test_journal_files_wait_for_every_live_outbox_before_pruning(tmp_path: Path) -> None:
+    events_dir, hooks_dir = tmp_path / "events", tmp_path / "hooks"
+    path, history = taken_in_by_history(tmp_path)
     lagging = Outbox(hooks_dir / "app.sqlite")  # has not read the file yet
     old = time.time() - 3 * DAY
     os.utime(path, (old, old))
@@ -93,12 +99,7 @@ def test_journal_files_wait_for_every_live_outbox_before_pruning(tmp_path: Path)
 
 def test_an_outbox_idle_for_the_retention_holds_nothing_back(tmp_path: Path) -> None:
     events_dir, hooks_dir = tmp_path / "events", tmp_path / "hooks"
-    writer = Journal(events_dir, "scheduler", tmp_path)
-    writer.append([event(1)])
-    writer.close()
-    [path] = events_dir.iterdir()
-    history = History(tmp_path / "history" / "history.sqlite")
-    ingest.catch_up(history, events_dir)
+    path, history = taken_in_by_history(tmp_path)
     Outbox(hooks_dir / "gone.sqlite").close()  # an endpoint removed from the configuration
     old = time.time() - 3 * DAY
     for file in [path, *hooks_dir.iterdir()]:
