@@ -6,17 +6,23 @@ from __future__ import annotations
 from aiohttp import web
 
 from relay import config
-from relay.api import auth, batches, messages, meta, problems, submit
-from relay.api.live import HISTORY, SPOOL
+from relay.api import auth, batches, messages, meta, problems, stream, submit
+from relay.api.live import FEED, HISTORY, SPOOL, Feed
 from relay.api.spec import Route, document
 from relay.api.tokens import Tokens
 from relay.history.store import History
 from relay.spool.layout import Layout
 
-__all__ = ["HISTORY", "ROUTES", "SPOOL", "Server", "build"]
+__all__ = ["FEED", "HISTORY", "ROUTES", "SPOOL", "Server", "build"]
 
 # Every endpoint, served and described from here: a new endpoint module adds its ROUTES.
-ROUTES: tuple[Route, ...] = (*meta.ROUTES, *messages.ROUTES, *submit.ROUTES, *batches.ROUTES)
+ROUTES: tuple[Route, ...] = (
+    *meta.ROUTES,
+    *messages.ROUTES,
+    *submit.ROUTES,
+    *batches.ROUTES,
+    *stream.ROUTES,
+)
 
 
 def build(
@@ -34,6 +40,8 @@ def build(
         middlewares=[problems.middleware, auth.middleware], client_max_size=body_limit(cfg)
     )
     app[auth.TOKENS] = tokens
+    app[FEED] = feed = Feed()
+    app.on_shutdown.append(lambda _: _closed(feed))
     app[submit.CONFIG] = submit.Current(cfg)
     if history is not None:
         app[HISTORY] = history
@@ -44,6 +52,10 @@ def build(
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)
     return app
+
+
+async def _closed(feed: Feed) -> None:
+    feed.close()  # open event streams end, so stopping does not wait out the grace period
 
 
 def body_limit(cfg: config.Config) -> int:
@@ -75,6 +87,11 @@ class Server:
             await site.stop()
             raise
         return site
+
+    @property
+    def feed(self) -> Feed:
+        """Told when the history takes in new events (the open streams wait on it)."""
+        return self.runner.app[FEED]
 
     def reconfigure(self, cfg: config.Config) -> None:
         """SIGHUP: another tokens file takes effect at the next request (the listener stays),

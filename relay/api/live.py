@@ -27,6 +27,28 @@ CANCEL_TIMEOUT = 40.0  # a cancel waits for an attempt in flight (15 s) and a re
 CHUNK = 1000  # ids per reasons request
 
 
+class Feed:
+    """Wakes the open event streams when the history has taken in new events (the follower's
+    and a request's catch-up both tell it), and counts each token's open streams."""
+
+    def __init__(self) -> None:
+        self.signal = asyncio.Event()  # set, and replaced, at each batch taken in
+        self.open: dict[str, int] = {}
+        self.closing = False
+
+    def taken(self) -> None:
+        self.signal.set()
+        self.signal = asyncio.Event()
+
+    def close(self) -> None:
+        """The API is stopping: every stream ends at its next look."""
+        self.closing = True
+        self.taken()
+
+
+FEED = web.AppKey("feed", Feed)
+
+
 def history(request: web.Request) -> History:
     found = request.app.get(HISTORY)
     if found is None:
@@ -39,7 +61,9 @@ async def catch_up(request: web.Request) -> None:
     before the request (the follower may be up to a poll behind)."""
     spool = request.app.get(SPOOL)
     if spool is not None:
-        await asyncio.to_thread(ingest.catch_up, history(request), spool.events_dir)
+        added = await asyncio.to_thread(ingest.catch_up, history(request), spool.events_dir)
+        if added and FEED in request.app:
+            request.app[FEED].taken()
 
 
 async def ask(request: web.Request, message: dict[str, Any], timeout: float) -> Any:

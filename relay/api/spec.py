@@ -48,8 +48,9 @@ ERRORS = {
 @dataclass(frozen=True)
 class Answer:
     description: str
-    schema: Schema | None = None  # of a JSON body
+    schema: Schema | None = None  # of the body
     headers: Mapping[str, str] = field(default_factory=dict)  # name: description
+    media: str = "application/json"  # the body's content type
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def response(answer: Answer) -> Schema:
     out: Schema = {"description": answer.description}
     if answer.schema is not None:
         is_problem = answer.schema.get("$ref") == PROBLEM
-        out["content"] = {PROBLEM_TYPE if is_problem else "application/json": {
+        out["content"] = {PROBLEM_TYPE if is_problem else answer.media: {
             "schema": answer.schema
         }}  # fmt: skip
     if answer.headers:

@@ -1,4 +1,5 @@
-"""Configuration, the api section: where the HTTP API listens and the file of its tokens."""
+"""Configuration, the api section: where the HTTP API listens, the file of its tokens, and how
+many event streams one token may hold open."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config.schema import option
-from relay.config.values import HostPort, host_port, optional_path
+from relay.config.values import HostPort, host_port, optional_path, positive_int
 
 
 def optional_host_port(value: Any) -> HostPort | None:
@@ -21,3 +22,5 @@ class ApiConfig:
     listen: HostPort | None = option(optional_host_port, ("127.0.0.1", 8025))
     # The API's bearer tokens (`relay token add`); empty = no token, every /v1 call is 401.
     tokens_file: Path | None = option(optional_path, None)
+    # Open GET /v1/events streams one token may hold; the next one is answered 429.
+    max_streams_per_token: int = option(positive_int, 5)

@@ -205,7 +205,9 @@ async def run_api(w: Worker) -> int:
         return 1
     done = asyncio.Event()
     following = asyncio.ensure_future(
-        ingest.follow(history, w.spool.events_dir, lambda: w.cfg.events.retention, done)
+        ingest.follow(
+            history, w.spool.events_dir, lambda: w.cfg.events.retention, done, server.feed.taken
+        )
     )
     # api.listen emptied since the start (restart-only): this process serves nothing.
     w.ready(listen=f"{listen[0]}:{listen[1]}" if listen else None)

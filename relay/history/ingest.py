@@ -43,13 +43,20 @@ def prune(history: History, directory: Path, retention: float, now: float | None
 
 
 async def follow(
-    history: History, directory: Path, retention: Callable[[], float], stop: asyncio.Event
+    history: History,
+    directory: Path,
+    retention: Callable[[], float],
+    stop: asyncio.Event,
+    taken: Callable[[], None] = lambda: None,
 ) -> None:
-    """Keep the history caught up with the journal until stop is set; prune at the start and
-    once an hour (retention() read each time: a reload may change it)."""
+    """Keep the history caught up with the journal until stop is set, calling taken() after
+    new events are in; prune at the start and once an hour (retention() read each time: a
+    reload may change it)."""
     next_prune = 0.0
     while not stop.is_set():
         added = await asyncio.to_thread(catch_up, history, directory)
+        if added:
+            taken()
         if time.monotonic() >= next_prune:
             await asyncio.to_thread(prune, history, directory, retention())
             next_prune = time.monotonic() + 3600.0

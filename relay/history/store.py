@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.history import project, schema
-from relay.mail.events import iso
+from relay.mail.events import DEFAULT_TENANT, iso
 from relay.spool.cursor import Reader
 
 MAX_LIMIT = 1000
@@ -31,6 +31,29 @@ class Query:
     until: float | None = None
     limit: int = 100
     cursor: str | None = None
+
+
+@dataclass(frozen=True)
+class EventFilter:
+    """Which events GET /v1/events streams; None or empty is "any". recipient matches the
+    events about that recipient and the message-wide events of its messages."""
+
+    tenant: str | None = None
+    types: frozenset[str] = frozenset()
+    message_id: str | None = None
+    batch_id: str | None = None
+    recipient: str | None = None
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One event as the stream sends it: its place in the history, its id and name, and the
+    journal's JSON text of it (sent as it is stored)."""
+
+    seq: int
+    event_id: str
+    event: str
+    data: str
 
 
 class History(Reader):
@@ -115,6 +138,32 @@ class History(Reader):
         with self.lock:
             return [row[0] for row in self.db.execute(sql + " ORDER BY id", args)]
 
+    def last_seq(self) -> int:
+        """The place of the newest event taken in (0: none yet)."""
+        with self.lock:
+            return int(self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+
+    def seq_of(self, event_id: str) -> int | None:
+        """The place of an event by its id; None when it is not (or no longer) in the history."""
+        with self.lock:
+            row = self.db.execute("SELECT seq FROM events WHERE event_id=?", (event_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def events_after(self, after: int, wanted: EventFilter, limit: int) -> tuple[list[Stored], int]:
+        """Up to limit events placed after `after` that wanted matches, in the order they were
+        taken in (the stream's order), and where the next call starts: the last one's place
+        when there may be more, else the newest place looked at, so that events taken in later
+        are the next call's and none is seen twice or skipped."""
+        where, args = _event_where(wanted)
+        sql = f"SELECT seq, event_id, event, data FROM events WHERE seq > ?{where}"
+        with self.lock:
+            rows = self.db.execute(sql + " ORDER BY seq LIMIT ?", (after, *args, limit))
+            found = [Stored(*row) for row in rows]
+            if len(found) == limit:
+                return found, found[-1].seq
+            newest = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+        return found, max(after, int(newest))
+
     def _item(self, row: sqlite3.Row) -> dict[str, Any]:
         recipients = self.db.execute(
             "SELECT * FROM recipients WHERE id=? ORDER BY rowid", (row["id"],)
@@ -169,6 +218,31 @@ def _where(query: Query) -> tuple[str, list[Any]]:
         clauses.append("id < ?")
         args.append(query.cursor)
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), args
+
+
+def _event_where(wanted: EventFilter) -> tuple[str, list[Any]]:
+    """The clauses (each starting with AND) of an events query and their arguments."""
+    clauses: list[str] = []
+    args: list[Any] = []
+    if wanted.tenant is not None:
+        clauses.append("COALESCE(NULLIF(json_extract(data, '$.tenant'), ''), ?) = ?")
+        args += [DEFAULT_TENANT, wanted.tenant]
+    if wanted.types:
+        clauses.append(f"event IN ({','.join('?' * len(wanted.types))})")
+        args += sorted(wanted.types)
+    if wanted.message_id is not None:
+        clauses.append("id = ?")
+        args.append(wanted.message_id)
+    if wanted.batch_id is not None:
+        clauses.append("json_extract(data, '$.batch_id') = ?")
+        args.append(wanted.batch_id)
+    if wanted.recipient is not None:
+        clauses.append(
+            "(rcpt = ? COLLATE NOCASE OR (rcpt IS NULL AND id IN"
+            " (SELECT id FROM recipients WHERE address = ? COLLATE NOCASE)))"
+        )
+        args += [wanted.recipient, wanted.recipient]
+    return "".join(f" AND {clause}" for clause in clauses), args
 
 
 def project_json(data: str) -> dict[str, Any]:

@@ -24,7 +24,6 @@ SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 8640
 JITTER = 0.1  # a delay varies by up to this share either way, so endpoints are not hit in step
 MAX_RETRY_AFTER = 86400.0
 DONE, RETRY, FAILED, GONE = "done", "retry", "failed", "gone"
-TYPE_PREFIX = "message."
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ def body(event: Mapping[str, Any]) -> bytes:
     """`{"id", "type": "message.<event>", "created_at", "data"}`: data is the journal's event."""
     document = {
         "id": event["event_id"],
-        "type": TYPE_PREFIX + str(event["event"]),
+        "type": names.TYPE_PREFIX + str(event["event"]),
         "created_at": event["timestamp"],
         "data": dict(event),
     }

@@ -24,6 +24,8 @@ NAMES = frozenset(
     {RECEIVED, DEFERRED, DELIVERED, BOUNCED, EXPIRED, CANCELLED, HELD, RELEASED, REQUEUED,
      DEAD_LETTERED}
 )  # fmt: skip
+# An event's type where applications see it (webhook bodies, the event stream): message.<event>.
+TYPE_PREFIX = "message."
 ABOUT_RECIPIENT = frozenset({DEFERRED, DELIVERED, BOUNCED, EXPIRED, CANCELLED})
 # The event of an attempt's result, by the recipient's status after it (the state file's words).
 OF_ATTEMPT = {"deferred": DEFERRED, "delivered": DELIVERED, "failed": BOUNCED}

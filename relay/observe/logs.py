@@ -17,7 +17,7 @@ EVENTS = events.NAMES | frozenset(
     {
         # mail flow
         "rejected", "replayed", "attempt", "retry_scheduled", "quota_held", "throttle_changed",
-        "dns_query_failed", "webhook_failed",
+        "dns_query_failed", "webhook_failed", "stream_dropped",
         # operator actions
         "flushed", "reloaded", "reload_failed",
         # access

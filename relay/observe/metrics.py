@@ -20,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from relay import __version__
+from relay.config.lanes import LANES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -109,9 +110,31 @@ WEBHOOK_PARKED = Gauge(
     multiprocess_mode="livemax",
 )
 
+# --- the API (its worker) --------------------------------------------------------------------
+STREAMS = Gauge(
+    "relay_api_event_streams",
+    "Open GET /v1/events streams (Server-Sent Events).",
+    multiprocess_mode="livesum",
+)
+STREAMS_DROPPED = Counter(
+    "relay_api_event_streams_dropped",
+    "Event streams the relay ended because their client stopped reading (a write waited "
+    "10 s on a full buffer).",
+)
+STREAMS_REFUSED = Counter(
+    "relay_api_event_streams_refused",
+    "Event streams refused with 429: the token held api.max_streams_per_token already.",
+)
+
 # --- scheduler ------------------------------------------------------------------------------
 QUEUE = Gauge(
     "relay_queue_messages", "Queued messages by state.", ["state"], multiprocess_mode="livesum"
+)
+QUEUE_LANES = Gauge(
+    "relay_queue_lane_messages",
+    "Queued messages by lane (high, normal, low).",
+    ["lane"],
+    multiprocess_mode="livesum",
 )
 OLDEST = Gauge(
     "relay_queue_oldest_message_age_seconds",
@@ -176,6 +199,8 @@ def prime(providers: Iterable[str]) -> None:
         REJECTED.labels(reason)
     for state in QUEUE_STATES:
         QUEUE.labels(state)
+    for lane in LANES:
+        QUEUE_LANES.labels(lane)
     names = [*providers, OTHER_PROVIDER]
     for provider in names:
         DEFERRALS.labels(provider)

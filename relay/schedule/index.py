@@ -57,13 +57,14 @@ class Entry:
 
 class Index:
     """The queued messages by id, by next attempt (a heap whose stale items are skipped), by
-    age (the oldest on top) and counted by state (the queue gauge)."""
+    age (the oldest on top) and counted by state and by lane (the queue gauges)."""
 
     def __init__(self, wake: asyncio.Event) -> None:
         self.entries: dict[str, Entry] = {}
         self.heap: list[tuple[float, str]] = []
         self.ages: list[tuple[float, str]] = []  # (born, id): the oldest is on top
         self.states: Counter[str] = Counter()
+        self.lanes: Counter[str] = Counter()
         self.wake = wake
 
     def __contains__(self, msg_id: str) -> bool:
@@ -93,6 +94,7 @@ class Index:
         )  # fmt: skip
         self.entries[msg.id] = entry
         self.states[entry.state] += 1
+        self.lanes[entry.lane] += 1
         heapq.heappush(self.ages, (entry.born, entry.id))
         if not entry.held:
             self.schedule(entry, msg.next_attempt)
@@ -109,6 +111,7 @@ class Index:
         """Forget entry, once it is out of the ready queues (Dispatch.drop)."""
         del self.entries[entry.id]
         self.states[entry.state] -= 1
+        self.lanes[entry.lane] -= 1
 
     def due(self, now: float) -> Iterator[Entry]:
         """The entries whose time has come, skipping stale heap items: deleted, held, busy,

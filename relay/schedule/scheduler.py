@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from relay.config.lanes import LANES
 from relay.config.model import Config
 from relay.observe import metrics
 from relay.schedule import reasons
@@ -172,6 +173,8 @@ class Scheduler:
         counts.update(self.dispatch.waiting(now))
         for state in metrics.QUEUE_STATES:
             metrics.QUEUE.labels(state).set(counts[state])
+        for lane in LANES:
+            metrics.QUEUE_LANES.labels(lane).set(self.index.lanes[lane])
         self.destinations.gauges(now)
 
     # --- stop and reload ---------------------------------------------------------------------

@@ -48,6 +48,8 @@ class Client:
     async def call(self, method: str, path: str, token: str | None = None) -> Answer:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         async with self.session.request(method, self.base + path, headers=headers) as response:
+            if response.content_type == "text/event-stream":  # it never ends: headers only
+                return Answer(response.status, dict(response.headers), "")
             text = await response.text()
             try:
                 body: Any = json.loads(text)

@@ -37,7 +37,10 @@ def test_values(text: str, listen: tuple[str, int] | None, tokens_file: Path | N
     [
         ("api: {listen: 8025}", "api.listen: 8025 is not host:port"),
         ('api: {listen: "127.0.0.1:0"}', "api.listen: 0 must be at least 1"),
-        ("api: {tokens: x}", "api.tokens: unknown key (known: listen, tokens_file)"),
+        (
+            "api: {tokens: x}",
+            "api.tokens: unknown key (known: listen, tokens_file, max_streams_per_token)",
+        ),
         ("api: {tokens_file: 5}", "api.tokens_file: 5 is not a path"),
         (
             'api: {listen: "127.0.0.1:9025"}',
