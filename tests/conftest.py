@@ -13,6 +13,7 @@ pytest_plugins = [
     "tests.support.mx",
     "tests.support.daemon",
     "tests.support.prometheus",
+    "tests.support.browser",  # after prometheus, whose apt lock it takes
     "tests.support.tls",
 ]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from relay import config
-from relay.api import auth, batches, messages, meta, problems, stream, submit
+from relay.api import auth, batches, messages, meta, overview, page, problems, stream, submit
 from relay.api.live import FEED, HISTORY, SPOOL, Feed
 from relay.api.spec import Route, document
 from relay.api.tokens import Tokens
@@ -22,6 +22,7 @@ ROUTES: tuple[Route, ...] = (
     *submit.ROUTES,
     *batches.ROUTES,
     *stream.ROUTES,
+    *overview.ROUTES,  # the status page's data
 )
 
 
@@ -51,6 +52,7 @@ def build(
     app[meta.DOCUMENT] = document(routes)
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)
+    page.install(app)  # GET / and /static/*: the status page, not API endpoints
     return app
 
 

@@ -12,11 +12,10 @@ import asyncio
 import contextlib
 import json
 import secrets
-import sqlite3
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,12 @@ from relay.cli.queue import iso
 from relay.config import webhooks
 from relay.config.values import DURATION_RE, duration
 from relay.config.webhooks import WebhookConfig
-from relay.hooks import payload
+from relay.hooks import payload, status
 from relay.hooks.outbox import Outbox
-from relay.hooks.sender import backlog_fields, tls_context
-from relay.hooks.service import outbox_path
+from relay.hooks.sender import tls_context
 from relay.spool.durable import replace_private
 from relay.spool.layout import Layout
 
-# A hook the hooks worker never ran with: nothing owed yet.
-NO_OUTBOX: Mapping[str, Any] = {
-    "pending": 0, "parked": 0, "lag_seconds": 0.0, "disabled": None, "last_error": None
-}  # fmt: skip
 PREVIEW = 500  # bytes of a test reply's body printed
 TEST_TYPE = "test"
 LIST_COLUMNS = (
@@ -74,34 +68,20 @@ def manage_webhooks(cfg: config.Config, args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def outbox_of(cfg: config.Config, name: str) -> Iterator[Outbox | None]:
-    """The hook's outbox, or None while it has none (the hooks worker never ran with it): a
-    new outbox starts at the journal's end, so the CLI must never be the one to make it."""
-    path = outbox_path(Layout(cfg.spool.path).hooks_dir, name)
-    if not path.exists():
-        yield None
-        return
+    """The hook's outbox, or None while it has none (status.opened: the CLI never makes one)."""
     try:
-        outbox = Outbox(path)
-    except (OSError, sqlite3.Error) as exc:
-        raise Fail(f"{path}: cannot open: {exc}") from None
-    try:
-        yield outbox
-    except sqlite3.Error as exc:
-        raise Fail(f"{path}: {exc}") from None
-    finally:
-        outbox.close()
+        with status.opened(Layout(cfg.spool.path).hooks_dir, name) as outbox:
+            yield outbox
+    except status.Unreadable as exc:
+        raise Fail(str(exc)) from None
 
 
 def describe(cfg: config.Config, hook: WebhookConfig) -> dict[str, Any]:
     """One hook as `relay webhook list --json` shows it."""
-    with outbox_of(cfg, hook.name) as outbox:
-        fields = NO_OUTBOX if outbox is None else backlog_fields(outbox)
-    return {
-        "name": hook.name,
-        "url": hook.url,
-        "state": "active" if fields["disabled"] is None else "disabled",
-        **fields,
-    }
+    try:
+        return status.describe(Layout(cfg.spool.path).hooks_dir, hook)
+    except status.Unreadable as exc:
+        raise Fail(str(exc)) from None
 
 
 def list_hooks(cfg: config.Config, as_json: bool) -> int:

@@ -91,7 +91,7 @@ def test_errors_are_problem_details(relay: RelayFactory, tmp_path: Path) -> None
     assert wrong[1]["WWW-Authenticate"].startswith("Bearer")
     assert_problem(daemon.api("GET", "/v1/messages/nope", "relay_forged"), 401, "not known")
     assert_problem(daemon.api("GET", "/v1/nothing", token), 404, "no such resource")
-    assert_problem(daemon.api("GET", "/", None), 404, "no such resource")
+    assert_problem(daemon.api("GET", "/index.php", None), 404, "no such resource")
     not_allowed = daemon.api("POST", "/v1/ping", token, body={})
     assert_problem(not_allowed, 405, "POST is not allowed here")
     assert not_allowed[1]["Allow"] == "GET"

@@ -1,5 +1,6 @@
 """The live event stream on the real daemon (issue 15): a client resuming with Last-Event-ID from
-the middle of a run gets every later event once, replay and live together; one request waits
+the middle of a run gets every later event once, replay and live together, and so after a
+kill -9 and a restart; one request waits
 for a message's outcome; filters and tenants; an unknown id starts with a reset; the per-token
 limit, the heartbeat and bad requests."""
 
@@ -14,7 +15,7 @@ import pytest
 
 from tests.support.api import add_token, assert_problem
 from tests.support.daemon import Relay, RelayFactory, api_on, eventually, merge
-from tests.support.load import journal
+from tests.support.load import journal, kill9_under_load
 from tests.support.mx import MxSink
 from tests.support.sse import Frame, Stream
 
@@ -63,13 +64,44 @@ def test_resumed_from_the_middle_every_later_event_arrives_once(
             assert ids(got) == ids(every)[ids(every).index(middle.id or "") + 1 :]
             later.close()
     assert len(set(ids(every))) == len(every)  # none twice
-    assert set(ids(every)) == {e["event_id"] for e in journal(daemon)}  # none missing
+    assert set(ids(every)) == journaled(daemon)  # none missing
     for frame in every:
         data = frame.json()
         assert frame.id == data["event_id"] and frame.event == f"message.{data['event']}"
     kinds = [f.event for f in every]
     assert kinds.count("message.received") == len(rcpts)
     assert kinds.count("message.deferred") == 10 and kinds.count("message.bounced") == 10
+
+
+def test_after_kill_9_a_client_resumes_with_its_last_id(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    daemon = relay(settings(tmp_path))
+    token = add_token(daemon, "app")
+    assert daemon.api_url
+    with Stream(daemon.api_url, token) as before:
+        acked = kill9_under_load(daemon, at_least=60)
+        before.ended.wait(10)  # the relay went away under it
+    seen = before.events()
+    assert seen, "the stream saw nothing before the kill"
+    daemon.start()
+    with Stream(daemon.api_url, token, headers={"Last-Event-ID": seen[-1].id or ""}) as after:
+        # every acknowledged message ends delivered (the sink accepts all), and every event
+        # the journal has is seen once, before the kill or after it
+        after.wait(lambda got: delivered(seen + got) >= set(acked), 60)
+        after.wait(lambda got: set(ids(seen)) | set(ids(got)) == journaled(daemon), 30)
+        time.sleep(1.0)  # nothing more may come: a repeat would arrive now
+        got = after.events()
+    assert not set(ids(seen)) & set(ids(got)), "an event sent before the kill came again"
+    assert len(set(ids(got))) == len(got)
+
+
+def journaled(daemon: Relay) -> set[str]:
+    return {e["event_id"] for e in journal(daemon)}
+
+
+def delivered(frames: list[Frame]) -> set[str]:
+    return {f.json()["id"] for f in frames if f.event == "message.delivered"}
 
 
 def test_one_request_waits_for_a_message_outcome(

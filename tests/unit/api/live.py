@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp import web
 
+from relay import config
 from relay.api import app, tokens
 from relay.api.spec import Route
 from relay.history.store import History
+from relay.spool.layout import Layout
 
 T = TypeVar("T")
 
@@ -60,9 +62,13 @@ class Client:
 
 @contextlib.asynccontextmanager
 async def served(
-    tokens_file: Path, routes: tuple[Route, ...] = app.ROUTES, history: History | None = None
+    tokens_file: Path,
+    routes: tuple[Route, ...] = app.ROUTES,
+    history: History | None = None,
+    spool: Layout | None = None,
+    cfg: config.Config | None = None,
 ) -> AsyncIterator[Client]:
-    built = app.build(tokens.Tokens(tokens_file), routes, history=history)
+    built = app.build(tokens.Tokens(tokens_file), routes, history=history, spool=spool, cfg=cfg)
     runner = web.AppRunner(built, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -37,7 +37,7 @@ def assert_problem(reply: Reply, status: int, title: str, detail: str) -> None:
         ("GET", "/v1", None, 401, "Unauthorized", "needs a header Authorization"),
         ("GET", "/v1/ping", "send-only", 403, "Forbidden", "token sender lacks the scope read (it has send)"),
         ("GET", "/v1/nothing-here", "reader", 404, "Not Found", "no such resource"),
-        ("GET", "/", None, 404, "Not Found", "see /v1/openapi.json"),
+        ("GET", "/index.php", None, 404, "Not Found", "see /v1/openapi.json"),
         ("GET", "/metrics", None, 404, "Not Found", "no such resource"),
         ("POST", "/v1/ping", "reader", 405, "Method Not Allowed", "POST is not allowed here (allowed: GET)"),
         ("DELETE", "/v1/openapi.json", None, 405, "Method Not Allowed", "DELETE is not allowed"),
