@@ -31,6 +31,13 @@ def settings(tmp_path: Path, **extra: Any) -> dict[str, Any]:
     return merge(base, extra)
 
 
+def with_token(relay: RelayFactory, tmp_path: Path) -> tuple[Relay, str]:
+    """A relay with the API on, and a token of every tenant."""
+    daemon = relay(settings(tmp_path))
+    assert daemon.api_url
+    return daemon, add_token(daemon, "app")
+
+
 def ids(frames: list[Frame]) -> list[str]:
     return [f.id or "" for f in frames]
 
@@ -47,9 +54,7 @@ def test_resumed_from_the_middle_every_later_event_arrives_once(
     for i in range(10):
         sink.script_rcpt(f"bad{i}@a.test", "550 5.1.1 no such user")
         sink.script_rcpt(f"later{i}@a.test", "451 4.3.0 try later", "250 2.1.5 ok")
-    daemon = relay(settings(tmp_path))
-    token = add_token(daemon, "app")
-    assert daemon.api_url
+    daemon, token = with_token(relay, tmp_path)
     with Stream(daemon.api_url, token) as whole:
         assert whole.status == 200 and whole.headers["Content-Type"] == "text/event-stream"
         sender = threading.Thread(target=lambda: [daemon.send([r]) for r in rcpts])
@@ -76,9 +81,7 @@ def test_resumed_from_the_middle_every_later_event_arrives_once(
 def test_after_kill_9_a_client_resumes_with_its_last_id(
     relay: RelayFactory, sink: MxSink, tmp_path: Path
 ) -> None:
-    daemon = relay(settings(tmp_path))
-    token = add_token(daemon, "app")
-    assert daemon.api_url
+    daemon, token = with_token(relay, tmp_path)
     with Stream(daemon.api_url, token) as before:
         acked = kill9_under_load(daemon, at_least=60)
         before.ended.wait(10)  # the relay went away under it
@@ -108,9 +111,7 @@ def test_one_request_waits_for_a_message_outcome(
     relay: RelayFactory, sink: MxSink, tmp_path: Path
 ) -> None:
     sink.script_rcpt("later@a.test", "451 4.3.0 try later", "250 2.1.5 ok")
-    daemon = relay(settings(tmp_path))
-    token = add_token(daemon, "app")
-    assert daemon.api_url
+    daemon, token = with_token(relay, tmp_path)
     done = daemon.send(["ok@a.test"])
     daemon.wait_event("delivered", id=done)
     # Already delivered: the message's story is replayed, so the outcome cannot be missed.
@@ -158,9 +159,7 @@ def test_filters_and_tenants(relay: RelayFactory, sink: MxSink, tmp_path: Path) 
 def test_unknown_last_event_id_starts_with_a_reset(
     relay: RelayFactory, sink: MxSink, tmp_path: Path
 ) -> None:
-    daemon = relay(settings(tmp_path))
-    token = add_token(daemon, "app")
-    assert daemon.api_url
+    daemon, token = with_token(relay, tmp_path)
     msg_id = daemon.send(["ok@a.test"])
     daemon.wait_event("delivered", id=msg_id)
     gone = "01J0000000000000000000000"

@@ -30,8 +30,9 @@ class Stream:
     order; close() ends it from our side."""
 
     def __init__(
-        self, url: str, token: str, query: str = "", headers: dict[str, str] | None = None
+        self, url: str | None, token: str, query: str = "", headers: dict[str, str] | None = None
     ) -> None:
+        assert url, "turn the API on: relay(api_on())"
         parts = urllib.parse.urlsplit(url)
         self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
         self.conn.request(
