@@ -7,6 +7,7 @@ from aiohttp import web
 
 from relay import config
 from relay.api import auth, batches, messages, meta, overview, page, problems, stream, submit
+from relay.api import suppressions as suppression_lists
 from relay.api.live import FEED, HISTORY, SPOOL, Feed
 from relay.api.spec import Route, document
 from relay.api.tokens import Tokens
@@ -23,6 +24,7 @@ ROUTES: tuple[Route, ...] = (
     *batches.ROUTES,
     *stream.ROUTES,
     *overview.ROUTES,  # the status page's data
+    *suppression_lists.ROUTES,
 )
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from relay import config
-from relay.cli import admin, history, queue, token, webhook
+from relay.cli import admin, history, queue, suppress, token, webhook
 from relay.cli.fail import EX_CONFIG, EX_USAGE, Fail
 from relay.daemon import supervisor as daemon
 from relay.ops import control
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_user_commands(sub, common)
     add_token_commands(sub, common)
     add_webhook_commands(sub, common)
+    suppress.add_commands(sub, common)
     sub.add_parser("history", help="the message history (docs/events.md)").add_subparsers(
         dest="action", required=True, parser_class=Parser
     ).add_parser(
@@ -199,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
         return token.manage_tokens(cfg, args)
     if args.command == "webhook":
         return webhook.manage_webhooks(cfg, args)
+    if args.command == "suppress":
+        return suppress.manage(cfg, args)
     if args.command == "dkim":
         return admin.dkim_keygen(args)
     spool = Spool(cfg.spool.path)

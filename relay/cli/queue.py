@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from relay.cli.fail import EX_USAGE, Fail
+from relay.mail.category import categorize
 from relay.mail.target import ALL, expand
 from relay.mail.waiting import waiting_state
 from relay.ops import control, summary
 from relay.schedule.actions import PAST
 from relay.spool.layout import DEAD, QUEUE
-from relay.spool.message import Message, is_id
+from relay.spool.message import Message, Recipient, is_id
 from relay.spool.store import Spool, iter_messages
 
 # --- listing ----------------------------------------------------------------------------------
@@ -34,17 +35,7 @@ def iso(timestamp: float | None) -> str | None:
 def item(msg: Message, where: str, why: list[Any] | None = None) -> dict[str, Any]:
     """The JSON shape of one queued or dead-lettered message; why is the running scheduler's
     [reason, expected attempt, detail] for it, if it runs."""
-    recipients = []
-    for rcpt in msg.recipients:
-        data = rcpt.as_dict()
-        data["first_attempt"], data["last_attempt"] = (
-            iso(rcpt.first_attempt),
-            iso(rcpt.last_attempt),
-        )
-        data["history"] = [{**h, "at": iso(h.get("at"))} for h in rcpt.history]
-        data["updated_at"] = iso(rcpt.last_attempt or msg.queued_at)
-        data["next_attempt"] = None if rcpt.final or msg.held else iso(msg.next_attempt)
-        recipients.append(data)
+    recipients = [recipient_item(msg, rcpt) for rcpt in msg.recipients]
     out: dict[str, Any] = {
         "id": msg.id,
         "tenant": msg.tenant,
@@ -73,7 +64,20 @@ def item(msg: Message, where: str, why: list[Any] | None = None) -> dict[str, An
     return out
 
 
+def recipient_item(msg: Message, rcpt: Recipient) -> dict[str, Any]:
+    """One recipient of item(): times in ISO 8601, its bounce category once it has one."""
+    data = rcpt.as_dict()
+    data["first_attempt"], data["last_attempt"] = iso(rcpt.first_attempt), iso(rcpt.last_attempt)
+    data["history"] = [{**h, "at": iso(h.get("at"))} for h in rcpt.history]
+    data["updated_at"] = iso(rcpt.last_attempt or msg.queued_at)
+    data["next_attempt"] = None if rcpt.final or msg.held else iso(msg.next_attempt)
+    if rcpt.status in CATEGORIZED:
+        data["category"] = categorize(rcpt.reply)
+    return data
+
+
 DETAILS = control.REASON_DETAILS
+CATEGORIZED = frozenset({"deferred", "failed", "expired"})  # statuses with a bounce category
 BATCH_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # X-Relay-Batch-Id's grammar
 
 
@@ -126,7 +130,8 @@ def render(messages: list[Message], items: list[dict[str, Any]], where: str) -> 
             if where == QUEUE and rcpt.final:
                 continue  # mailq shows what still waits; `show` has the rest
             if rcpt.reply is not None:
-                lines.append(f"{'':>52}({rcpt.status}: {rcpt.reply})")
+                why = f"{rcpt.status}, {categorize(rcpt.reply)}" if where == DEAD else rcpt.status
+                lines.append(f"{'':>52}({why}: {rcpt.reply})")
             lines.append(f"{'':>52}{rcpt.address}")
         lines.append("")
     total = sum(m.size for m in messages)
@@ -156,6 +161,7 @@ def show(spool: Spool, args: argparse.Namespace) -> int:
     live = control.inspect(spool, "reasons", [msg_id]) if where == QUEUE else None
     data = item(msg, where, (live or {}).get(msg_id))
     data["client"] = msg.client
+    data["ret"], data["envid"] = msg.ret, msg.envid  # RFC 3461; NOTIFY, ORCPT per recipient
     data["content"] = str(spool.content_path(msg_id))
     data["headers"] = headers(spool.content_path(msg_id))
     print(json.dumps(data, indent=2))

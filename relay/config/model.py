@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from relay.config.api import ApiConfig
+from relay.config.bounces import BouncesConfig
 from relay.config.delivery import DeliveryConfig
 from relay.config.destinations import DEFAULT_LIMITS, Limits, destinations
 from relay.config.dkim import DkimConfig
@@ -28,6 +29,7 @@ from relay.config.routes import RouteRule, domain_matches, routes
 from relay.config.schema import ConfigError, build, option
 from relay.config.smtp import SmtpConfig
 from relay.config.spool import SpoolConfig
+from relay.config.suppression import SuppressionConfig
 from relay.config.throttle import ThrottleConfig
 from relay.config.webhooks import WebhookConfig, webhooks
 
@@ -52,6 +54,8 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     # Endpoints sent the journal's events, signed (Standard Webhooks); none by default.
     webhooks: tuple[WebhookConfig, ...] = option(webhooks, ())
 

@@ -28,6 +28,9 @@ from relay.schedule.scheduler import Scheduler
 from relay.schedule.wake import listen_wake
 from relay.spool.run import SCHEDULER_LOCK, WAKE_SOCKET, spool_lock
 from relay.spool.store import Spool
+from relay.suppression import feed as suppression_feed
+from relay.suppression.feed import Feed
+from relay.suppression.store import path_of
 
 if TYPE_CHECKING:
     from relay.hooks.service import Webhooks
@@ -209,6 +212,9 @@ async def run_api(w: Worker) -> int:
             history, w.spool.events_dir, lambda: w.cfg.events.retention, done, server.feed.taken
         )
     )
+    # The automatic suppression entries: a second reader of the same journal (its own file).
+    feed = Feed(path_of(w.spool.history_path), lambda: w.cfg.suppression)
+    feeding = asyncio.ensure_future(suppression_feed.follow(feed, w.spool.events_dir, done))
     # api.listen emptied since the start (restart-only): this process serves nothing.
     w.ready(listen=f"{listen[0]}:{listen[1]}" if listen else None)
     beat = asyncio.ensure_future(w.heartbeat())
@@ -221,6 +227,8 @@ async def run_api(w: Worker) -> int:
     await server.stop()  # requests in flight finish, up to the grace period
     done.set()
     await following
+    await feeding
+    feed.close()
     history.close()
     beat.cancel()
     logs.event("stopped")

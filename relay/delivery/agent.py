@@ -11,6 +11,7 @@ from relay.config.model import Config
 from relay.delivery.courier import Courier, RecipientResult
 from relay.delivery.resolver import Resolver, Route
 from relay.delivery.router import Router
+from relay.mail.dsnparams import DsnRequest
 
 
 class SmtpAgent:
@@ -37,6 +38,7 @@ class SmtpAgent:
         smtputf8: bool,
         destination: str,
         idle_room: int,
+        dsn: DsnRequest | None = None,
     ) -> list[RecipientResult]:
         """The courier's transaction (Courier.deliver)."""
         return await self._courier.deliver(
@@ -48,6 +50,7 @@ class SmtpAgent:
             smtputf8=smtputf8,
             destination=destination,
             idle_room=idle_room,
+            dsn=dsn,
         )
 
     async def sweep(self) -> None:

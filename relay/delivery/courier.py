@@ -26,6 +26,7 @@ from relay.delivery.pool import (
 from relay.delivery.resolver import Host, Route
 from relay.delivery.tlspolicy import Policy, TlsPolicy
 from relay.delivery.transaction import Transaction
+from relay.mail.dsnparams import DsnRequest
 from relay.mail.reply import Reply, Verdict, classify
 from relay.observe import metrics
 
@@ -60,12 +61,14 @@ class Courier:
         smtputf8: bool = False,
         destination: str | None = None,
         idle_room: int | None = None,
+        dsn: DsnRequest | None = None,
     ) -> list[RecipientResult]:
         """Offer the message to route's hosts and addresses in order until one settles it,
         skipping MX hosts an enforced MTA-STS policy does not list (RFC 8461 §4.1). An idle
         session to any of them goes first. Sessions are pooled under destination (None: the
         route's domain); before a connection is opened, the destination's idle sessions beyond
-        idle_room (None: no limit) are closed, oldest first.
+        idle_room (None: no limit) are closed, oldest first. dsn: the message's RFC 3461
+        parameters, passed on where the next hop announces DSN (RecipientResult.dsn_relayed).
 
         One result per recipient, in input order. Network and protocol trouble is reported,
         never raised; when no address settles it, every recipient gets the last error.
@@ -79,7 +82,7 @@ class Courier:
         with body.open("rb", buffering=0) as file:
             message = Message(
                 sender, tuple(recipients), file, size, smtputf8,
-                destination or route.domain, idle_room,
+                destination or route.domain, idle_room, dsn,
             )  # fmt: skip
             return await self._offer(tries, message, last)
 

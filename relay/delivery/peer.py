@@ -10,6 +10,7 @@ from aiosmtplib import SMTP, SMTPException, SMTPResponseException
 
 from relay.config.routes import Smarthost
 from relay.delivery.pool import Key
+from relay.mail.dsnparams import DsnRequest
 from relay.mail.reply import Reply
 
 
@@ -23,6 +24,10 @@ class RecipientResult:
     tls_verified: bool = False  # and verified the certificate for the MX host name
     # What an MTA-STS policy in testing mode would have refused (RFC 8461 §5), for the log.
     tls_report: str | None = None
+    # Whether the session that gave it announced DSN (RFC 3461), so that the message's DSN
+    # parameters went with it and notices are now the next hop's to send; False: a delivered
+    # recipient whose NOTIFY has SUCCESS is owed a "relayed" notice (§4.2.2).
+    dsn_relayed: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,7 @@ class Message:
     smtputf8: bool
     destination: str = ""
     idle_room: int | None = None  # idle sessions of destination that may stay open; None: any
+    dsn: DsnRequest | None = None  # RFC 3461 parameters, for a next hop that announces DSN
 
     @property
     def encoding(self) -> str:

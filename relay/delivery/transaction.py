@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from aiosmtplib import (
@@ -46,7 +46,14 @@ class Transaction:
     async def run(self, reset: bool = False) -> list[RecipientResult]:
         """MAIL, RCPT for each recipient, DATA for those accepted: a reply per recipient. They
         go out one by one, or in one group when the server offers PIPELINING (reset, which
-        only a pipelined session asks for, puts an RSET first in the group)."""
+        only a pipelined session asks for, puts an RSET first in the group). Where the server
+        offers DSN, the message's RFC 3461 parameters go with them, and each result says so."""
+        results = await self._run(reset)
+        if not self.smtp.supports_extension("dsn"):
+            return results
+        return [replace(result, dsn_relayed=True) for result in results]
+
+    async def _run(self, reset: bool) -> list[RecipientResult]:
         smtp, peer, message = self.smtp, self.peer, self.message
         if message.smtputf8 and not smtp.supports_extension("smtputf8"):
             return [peer.result(recipient, NO_SMTPUTF8) for recipient in message.recipients]
@@ -55,7 +62,7 @@ class Transaction:
         refusal = await _mail(smtp, message)
         if refusal is not None:
             return [peer.result(recipient, refusal) for recipient in message.recipients]
-        replies = [await _rcpt(smtp, rcpt, message.encoding) for rcpt in message.recipients]
+        replies = [await _rcpt(smtp, command, rcpt) for command, rcpt in _rcpts(smtp, message)]
         return await self._deliver_data(replies)
 
     async def _pipelined(self, reset: bool) -> list[RecipientResult]:
@@ -64,7 +71,7 @@ class Transaction:
         what they mean one by one; a failed RSET raises Stale (the pooled session had gone)."""
         smtp, message = self.smtp, self.message
         head = [b"RSET"] if reset else []
-        rcpts = [_rcpt_command(rcpt, message.encoding) for rcpt in message.recipients]
+        rcpts = [command for command, _ in _rcpts(smtp, message)]
         group = pipelining.send(smtp, [*head, _mail_command(smtp, message), *rcpts, b"DATA"])
         timeout = self.cfg.command_timeout
         if reset:
@@ -144,6 +151,8 @@ def _mail_command(smtp: SMTP, message: Message) -> bytes:
         options.append("BODY=8BITMIME")  # RFC 6152
     if message.smtputf8:
         options.append("SMTPUTF8")  # RFC 6531 §3.4
+    if message.dsn is not None and smtp.supports_extension("dsn"):
+        options.extend(message.dsn.mail.options())  # RFC 3461 §4.3, §4.4: RET, ENVID
     path = quote_address(message.sender).encode(message.encoding)
     return b" ".join([b"MAIL FROM:" + path, *(option.encode() for option in options)])
 
@@ -159,13 +168,21 @@ def _mail_reply(response: SMTPResponse, sender: str) -> Reply | None:
     return reply
 
 
-async def _rcpt(smtp: SMTP, recipient: str, encoding: str) -> Reply:
+async def _rcpt(smtp: SMTP, command: bytes, recipient: str) -> Reply:
     """The RCPT reply for one recipient (_rcpt_reply)."""
-    return _rcpt_reply(await smtp.execute_command(_rcpt_command(recipient, encoding)), recipient)
+    return _rcpt_reply(await smtp.execute_command(command), recipient)
 
 
-def _rcpt_command(recipient: str, encoding: str) -> bytes:
-    return b"RCPT TO:" + quote_address(recipient).encode(encoding)
+def _rcpts(smtp: SMTP, message: Message) -> list[tuple[bytes, str]]:
+    """Each recipient's RCPT command, with its NOTIFY and ORCPT where the server offers DSN
+    (RFC 3461 §4.1, §4.2), and the recipient."""
+    dsn = message.dsn if smtp.supports_extension("dsn") else None
+    commands = []
+    for index, recipient in enumerate(message.recipients):
+        options = [] if dsn is None else dsn.rcpt(index).options()
+        path = b"RCPT TO:" + quote_address(recipient).encode(message.encoding)
+        commands.append((b" ".join([path, *(option.encode() for option in options)]), recipient))
+    return commands
 
 
 def _rcpt_reply(response: SMTPResponse, recipient: str) -> Reply:

@@ -24,17 +24,20 @@ def catch_up(history: History, directory: Path) -> int:
 
 def prune(history: History, directory: Path, retention: float, now: float | None = None) -> None:
     """Forget what ended before the retention window, and delete journal files that are no
-    longer written, fully taken in (by the history and by every webhook's outbox), and last
-    written before it."""
+    longer written, fully taken in (by the history, every webhook's outbox and the suppression
+    feed), and last written before it."""
     before = (time.time() if now is None else now) - retention
     history.prune(before)
     kept = []
-    outboxes = directory.parent / HOOKS
+    # the other readers: each webhook's outbox, and beside the history the suppression feed
+    readers = (directory.parent / HOOKS, history.path.parent)
     for path in journal.files(directory):
         with contextlib.suppress(FileNotFoundError):
             size = path.stat().st_size
             done = history.offset(path.name) >= size
-            done = done and not cursor.wanted_by_others(outboxes, path.name, size, before)
+            done = done and not any(
+                cursor.wanted_by_others(r, path.name, size, before) for r in readers
+            )
             if done and path.stat().st_mtime < before and journal.finished(path):
                 path.unlink()
                 continue

@@ -18,7 +18,9 @@ from relay.mail import events as names
 
 ALL_TENANTS = "*"
 # final_only: one event per recipient's end, never a deferral.
-FINAL = frozenset({names.DELIVERED, names.BOUNCED, names.EXPIRED, names.CANCELLED})
+FINAL = frozenset(
+    {names.DELIVERED, names.BOUNCED, names.EXPIRED, names.CANCELLED, names.SUPPRESSED}
+)
 # The retry schedule: after the first failure 5 s, then 5 min, ... 24 h; then parked.
 SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 50400.0, 72000.0, 86400.0)
 JITTER = 0.1  # a delay varies by up to this share either way, so endpoints are not hit in step

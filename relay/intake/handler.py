@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -21,6 +23,7 @@ from relay.intake.internals import hook_names
 from relay.intake.registry import Registry
 from relay.intake.session import API, REPLY_SHUTTING_DOWN, RelaySMTP
 from relay.intake.tls import tls_context
+from relay.mail import dsnparams
 from relay.mail.events import DEFAULT_TENANT
 from relay.observe import logs, metrics
 from relay.spool.groupcommit import GroupCommit
@@ -30,8 +33,14 @@ from relay.spool.message import Message, Recipient, new_id
 from relay.spool.run import QUOTA_LEDGER
 from relay.spool.spill import Content
 from relay.spool.store import Spool
+from relay.suppression.check import Check
+from relay.suppression.store import path_of
 
+P = TypeVar("P", dsnparams.MailParams, dsnparams.RcptParams)
 REPLY_QUEUED = "250 2.0.0 queued as {}"
+# RFC 2920 and RFC 2034: aiosmtpd supports both but does not advertise them. RFC 3461 (DSN):
+# BaseSession._getaddr takes its parameters out of MAIL and RCPT for dsn_params.
+EXTENSIONS = ("250-PIPELINING", "250-ENHANCEDSTATUSCODES", "250-DSN")
 # To the API worker (its socket only): why the new message waits and until when (epoch), or
 # that it was already queued under the request's idempotency key.
 REPLY_QUEUED_API = "250 2.0.0 queued as {} {} {:.3f}"
@@ -101,8 +110,7 @@ class IntakeHandler:
         session.host_name = hostname
         if self.cfg.smtp.auth.users_file is None:  # aiosmtpd always lists AUTH
             responses = [r for r in responses if not r.startswith("250-AUTH")]
-        # RFC 2920 and RFC 2034: aiosmtpd supports both but does not advertise them.
-        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+        return [*responses[:-1], *EXTENSIONS, responses[-1]]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -112,6 +120,9 @@ class IntakeHandler:
             if server.transport is not None:
                 asyncio.get_running_loop().call_soon(server.transport.close)
             return REPLY_SHUTTING_DOWN
+        assert isinstance(server, RelaySMTP)
+        if isinstance(dsn := judged(dsnparams.parse_mail_params, server, session, address), str):
+            return dsn
         # RFC 5321 §4.5.5: the null reverse-path "<>" is how bounces are sent.
         sender = address.strip("<>")
         problem = checks.address_problem(sender, envelope.smtp_utf8, allow_empty=True)
@@ -126,6 +137,7 @@ class IntakeHandler:
             return reject("disk_reserve", checks.REPLY_NO_STORAGE, session, detail=shortage)
         envelope.mail_from = address
         envelope.mail_options.extend(options)
+        server.dsn_mail, server.dsn_rcpts = dsn, []
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -139,8 +151,14 @@ class IntakeHandler:
             return checks.address_rejected(problem, "recipient", session, address)
         if len(envelope.rcpt_tos) >= self.cfg.smtp.max_recipients:
             return reject("too_many_recipients", REPLY_TOO_MANY_RCPTS, session)
+        assert isinstance(server, RelaySMTP)
+        if isinstance(dsn := judged(dsnparams.parse_rcpt_params, server, session, address), str):
+            return dsn
+        if refusal := suppressed(self.spool, self.cfg, session, address):
+            return reject("suppressed", refusal, session, address=address)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
+        server.dsn_rcpts.append((address, dsn))
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -156,7 +174,7 @@ class IntakeHandler:
             head, asked = directives.extract(draft.head, priority=self.cfg.lanes.header)
         except directives.DirectiveError as exc:
             return reject("bad_directive", str(exc), session)
-        msg = self._message(session, envelope, len(head) + draft.body_size)
+        msg = new_message(server, session, envelope, len(head) + draft.body_size)
         claim = None
         if asked.idempotency_key is not None:
             claim = await self._claim(msg, envelope, draft, asked.idempotency_key)
@@ -278,19 +296,63 @@ class IntakeHandler:
         metrics.REJECTED.labels("local_error").inc()
         return REPLY_LOCAL_ERROR
 
-    def _message(self, session: Session, envelope: Envelope, size: int) -> Message:
-        now = time.time()
-        return Message(
-            id=new_id(),
-            sender="" if envelope.mail_from in ("<>", None) else envelope.mail_from,
-            recipients=[Recipient(address) for address in envelope.rcpt_tos],
-            queued_at=now,
-            next_attempt=now,
-            size=size,
-            smtputf8=envelope.smtp_utf8,
-            client={"ip": peer_ip(session), "helo": session.host_name or ""},
-            tenant=str(session.auth_data) if session.authenticated else DEFAULT_TENANT,
-        )
+
+@functools.cache
+def _suppression(history: Path) -> Check:
+    """The intake's reader of the suppression lists (one per spool, opened at first use)."""
+    return Check(path_of(history))
+
+
+def suppressed(spool: Spool, cfg: Config, session: Session, address: str) -> str | None:
+    """The RCPT reply refusing a recipient on the session tenant's suppression list, or None."""
+    return _suppression(spool.history_path).refusal(cfg.suppression, tenant_of(session), address)
+
+
+def tenant_of(session: Session) -> str:
+    """The session's tenant: its SMTP AUTH user, else the default."""
+    return str(session.auth_data) if session.authenticated else DEFAULT_TENANT
+
+
+def judged(parse: Callable[[Sequence[str]], P], server: RelaySMTP, session: Session,
+           address: str) -> P | str:  # fmt: skip
+    """The RFC 3461 parameters of the MAIL or RCPT command being run (BaseSession._getaddr
+    took them out of it, parse judges them), or the reply refusing them."""
+    try:
+        return parse(server.taken)
+    except dsnparams.ParamError as exc:
+        return reject("bad_syntax", exc.reply, session, address=address)
+
+
+def new_message(server: SMTP, session: Session, envelope: Envelope, size: int) -> Message:
+    """The message of this transaction, with its RFC 3461 parameters."""
+    assert isinstance(server, RelaySMTP)
+    now = time.time()
+    msg = Message(
+        id=new_id(),
+        sender="" if envelope.mail_from in ("<>", None) else envelope.mail_from,
+        recipients=[Recipient(address) for address in envelope.rcpt_tos],
+        queued_at=now,
+        next_attempt=now,
+        size=size,
+        smtputf8=envelope.smtp_utf8,
+        client={"ip": peer_ip(session), "helo": session.host_name or ""},
+        tenant=str(session.auth_data) if session.authenticated else DEFAULT_TENANT,
+    )
+    with_dsn(msg, server)
+    return msg
+
+
+def with_dsn(msg: Message, server: RelaySMTP) -> None:
+    """Give msg the RFC 3461 parameters its MAIL and each RCPT came with."""
+    msg.ret, msg.envid = server.dsn_mail.ret, server.dsn_mail.envid
+    given: dict[str, list[dsnparams.RcptParams]] = {}
+    for address, params in server.dsn_rcpts:
+        given.setdefault(address, []).append(params)
+    for rcpt in msg.recipients:
+        if given.get(rcpt.address):  # in the order the RCPTs came (an address may repeat)
+            params = given[rcpt.address].pop(0)
+            rcpt.notify = None if params.notify is None else list(params.notify)
+            rcpt.orcpt = params.orcpt
 
 
 def waits(msg: Message) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +16,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
 from relay.intake.auth import Credentials
 from relay.intake.syntax import plain_path
+from relay.mail.dsnparams import split_params
 
 WRITTEN_FOR = "1.4.6"
 Command = Callable[[str | None], Awaitable[None]]  # an SMTP verb's method, given its argument
@@ -64,6 +65,24 @@ METHODS = {
         "3a33f30d3fd6d02f",
     ),
     "_getaddr": Internal("overridden by BaseSession._getaddr", ("self", "arg"), "0aeb21c56ac1260e"),
+    "smtp_MAIL": Internal(
+        "reads the parameters from _getaddr (BaseSession._getaddr takes out those it does not"
+        " know, the DSN ones among them), judges BODY, SMTPUTF8 and SIZE, 555 for any other",
+        ("self", "arg"),
+        "80dd938e7791acfb",
+    ),
+    "smtp_RCPT": Internal(
+        "reads the parameters from _getaddr (BaseSession._getaddr takes them all out), 555 for"
+        " any left",
+        ("self", "arg"),
+        "a0d6605883c0e608",
+    ),
+    "smtp_EHLO": Internal(
+        "adds to command_size_limits and never resets them: RelaySMTP.smtp_EHLO adds the"
+        " DSN allowances after it",
+        ("self", "hostname"),
+        "1d91592dd954c4cd",
+    ),
     "_authenticate": Internal(
         "overridden by BaseSession._authenticate",
         ("self", "mechanism", "auth_data"),
@@ -115,6 +134,9 @@ def hook_names(cls: type, prefixes: tuple[str, ...]) -> list[str]:
 class BaseSession(SMTP):
     """aiosmtpd's SMTP protocol with the private parts the relay uses behind names of its own,
     and the two it overrides."""
+
+    verb = ""  # the command being run (RelaySMTP sets it): MAIL and RCPT have parameters taken
+    taken: Sequence[str] = ()  # those _getaddr took out of the last MAIL or RCPT (always reset)
 
     def __dir__(self) -> list[str]:
         """Only the SMTP verbs and AUTH mechanisms: aiosmtpd scans dir() of each new session
@@ -173,11 +195,20 @@ class BaseSession(SMTP):
         """aiosmtpd's parser (email's RFC 5322 one, 70 µs a call, twice per message) for
         anything but a plain path, which a regex reads the same way
         (tests/unit/intake/test_session.py compares the two; a local-part limit, which we do
-        not set, is left to aiosmtpd too)."""
+        not set, is left to aiosmtpd too). After EHLO, the parameters of MAIL and RCPT that
+        aiosmtpd does not know (it refuses them with a 555 that names none) are taken out
+        into self.taken, as the client wrote them, for the handler to judge (the DSN ones of
+        RFC 3461, relay/mail/dsnparams.py); aiosmtpd upper-cases what it is left."""
+        self.taken = []
         plain = plain_path(arg)
         if plain is None or self.local_part_limit:
-            return super()._getaddr(arg)
-        return plain
+            address, params = super()._getaddr(arg)
+        else:
+            address, params = plain
+        session = self.session
+        if address and params and session is not None and session.extended_smtp:
+            params, self.taken = split_params(params, self.verb)
+        return address, params
 
     def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
         """What auth_PLAIN and auth_LOGIN decoded, left unanswered for the password check."""

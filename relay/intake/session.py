@@ -24,6 +24,7 @@ from relay.intake.internals import BaseSession, Command
 from relay.intake.registry import Registry
 from relay.intake.syntax import syntax_problem
 from relay.intake.tls import client_ip, tls_failed
+from relay.mail.dsnparams import MailParams, RcptParams
 from relay.mail.reply import ENHANCED
 from relay.observe import metrics
 
@@ -49,6 +50,7 @@ API = "api"  # the listener of the API worker's submissions (relay/intake/listen
 # What a session on the API's UNIX socket is logged and traced as coming from (it has no IP).
 LOCAL_PEER = "127.0.0.1"
 COMMAND_LIMIT = 510  # 512 minus the CRLF
+DSN_MAIL_ALLOWANCE, DSN_RCPT_ALLOWANCE = 100, 500  # RFC 3461 §5 (RCPT: within the 1000 below)
 MAX_REPLY = 510
 # Bytes per recv(2) from a client. asyncio reads 256 KiB at a time, and a session whose DATA
 # waits for its spill write holds one such read: at 300 sessions in DATA the intake grew by
@@ -78,6 +80,9 @@ class RelaySMTP(BaseSession):
         # (RFC 1870 and 6531 extensions still add their allowance to MAIL after EHLO).
         self.command_size_limit = COMMAND_LIMIT
         self.command_size_limits = collections.defaultdict(lambda: COMMAND_LIMIT)
+        # RFC 3461 parameters of the transaction: MAIL's, and each accepted RCPT's in order.
+        self.dsn_mail = MailParams()
+        self.dsn_rcpts: list[tuple[str, RcptParams]] = []
         self.wrap_commands(self._checked)
 
     # --- DATA --------------------------------------------------------------------------------
@@ -191,6 +196,7 @@ class RelaySMTP(BaseSession):
                 metrics.REJECTED.labels("bad_syntax").inc()
                 await self.push(problem)
                 return
+            self.verb = name
             await method(arg)
 
         return checked
@@ -215,7 +221,12 @@ class RelaySMTP(BaseSession):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
+        """EHLO, and with the DSN it lists, MAIL and RCPT lines longer by what RET and ENVID,
+        NOTIFY and ORCPT may add (RFC 3461 §5)."""
         await self._greeting_command(super().smtp_EHLO, hostname)
+        if self.session is not None and self.session.extended_smtp:
+            self.command_size_limits["MAIL"] += DSN_MAIL_ALLOWANCE
+            self.command_size_limits["RCPT"] = COMMAND_LIMIT + DSN_RCPT_ALLOWANCE
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from relay.mail.category import categorize
 from relay.mail.reply import Reply
 from relay.mail.waiting import waiting_state
 
@@ -20,13 +21,16 @@ HELD = "held"
 RELEASED = "released"
 REQUEUED = "requeued"
 DEAD_LETTERED = "dead_lettered"
+SUPPRESSED = "suppressed"  # a recipient on its tenant's suppression list, dropped unsent
 NAMES = frozenset(
     {RECEIVED, DEFERRED, DELIVERED, BOUNCED, EXPIRED, CANCELLED, HELD, RELEASED, REQUEUED,
-     DEAD_LETTERED}
+     DEAD_LETTERED, SUPPRESSED}
 )  # fmt: skip
 # An event's type where applications see it (webhook bodies, the event stream): message.<event>.
 TYPE_PREFIX = "message."
-ABOUT_RECIPIENT = frozenset({DEFERRED, DELIVERED, BOUNCED, EXPIRED, CANCELLED})
+# The events that carry a recipient's bounce category (relay.mail.category).
+CATEGORIZED = frozenset({DEFERRED, BOUNCED, EXPIRED})
+ABOUT_RECIPIENT = frozenset({DEFERRED, DELIVERED, BOUNCED, EXPIRED, CANCELLED, SUPPRESSED})
 # The event of an attempt's result, by the recipient's status after it (the state file's words).
 OF_ATTEMPT = {"deferred": DEFERRED, "delivered": DELIVERED, "failed": BOUNCED}
 DEFAULT_TENANT = "default"  # the tenant of mail submitted without SMTP AUTH (or an API token)
@@ -53,6 +57,10 @@ class Recipient(Protocol):
     def mx(self) -> str | None: ...
     @property
     def ip(self) -> str | None: ...
+    @property
+    def notify(self) -> list[str] | None: ...
+    @property
+    def orcpt(self) -> str | None: ...
 
 
 class Envelope(Protocol):
@@ -78,6 +86,10 @@ class Envelope(Protocol):
     def attempts(self) -> int: ...
     @property
     def quota_until(self) -> float | None: ...
+    @property
+    def ret(self) -> str | None: ...
+    @property
+    def envid(self) -> str | None: ...
     @property
     def recipients(self) -> Sequence[Recipient]: ...
 
@@ -117,11 +129,28 @@ def record(
     else:
         out.update(rcpt=rcpt.address, status=recipient_status(rcpt.status))
         out.update(_attempt(rcpt, result) if result is not None else _last(rcpt))
+        if name in CATEGORIZED:
+            out["category"] = categorize(result.reply if result is not None else rcpt.reply)
     if name == RECEIVED:
         out.update(rcpts=[r.address for r in msg.recipients], size=msg.size, lane=msg.lane,
                    send_at=msg.send_at)  # fmt: skip
+        out.update(dsn_fields(msg))
     out.update(fields)
     return out
+
+
+def dsn_fields(msg: Envelope) -> dict[str, Any]:
+    """A `received` event's RFC 3461 parameters, only when the client gave any: {"dsn": {"ret",
+    "envid", "recipients": {address: {"notify", "orcpt"}}}}, the recipients without any left
+    out."""
+    rcpts = {
+        r.address: {"notify": r.notify, "orcpt": r.orcpt}
+        for r in msg.recipients
+        if r.notify is not None or r.orcpt is not None
+    }
+    if msg.ret is None and msg.envid is None and not rcpts:
+        return {}
+    return {"dsn": {"ret": msg.ret, "envid": msg.envid, "recipients": rcpts}}
 
 
 def _attempt(rcpt: Recipient, result: Result) -> dict[str, Any]:

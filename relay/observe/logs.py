@@ -18,6 +18,10 @@ EVENTS = events.NAMES | frozenset(
         # mail flow
         "rejected", "replayed", "attempt", "retry_scheduled", "quota_held", "throttle_changed",
         "dns_query_failed", "webhook_failed", "stream_dropped",
+        # bounces: a delivery status notification queued (relay.schedule.notices)
+        "dsn_queued",
+        # suppression lists (docs/suppression.md)
+        "suppression_added", "suppression_removed",
         # operator actions
         "flushed", "reloaded", "reload_failed",
         # access

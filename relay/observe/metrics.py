@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from relay import __version__
 from relay.config.lanes import LANES
+from relay.mail.category import CATEGORIES
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -30,6 +31,7 @@ REJECT_REASONS = (
     "shutting_down",
     "too_many_connections", "rate_limited", "banned", "auth_failed", "sender_not_owned",
     "over_quota", "disk_reserve", "idempotency_conflict",
+    "suppressed",
 )  # fmt: skip
 QUEUE_STATES = (
     "queued", "scheduled", "active", "deferred", "throttled", "quota", "held", "suspended",
@@ -75,6 +77,15 @@ TLS_FAILED = Counter(
     "Inbound TLS handshakes (STARTTLS or smtps) that failed on the client's side, by listener "
     "and reason.",
     ["listener", "reason"],
+)
+
+# --- suppression lists (docs/suppression.md) -------------------------------------------------
+SUPPRESSION_STAGES = ("rcpt", "attempt")
+SUPPRESSED = Counter(
+    "relay_recipients_suppressed",
+    "Recipients not sent to because their address is on the tenant's suppression list, by"
+    " where it was found: refused at RCPT, or dropped before an attempt.",
+    ["stage"],
 )
 
 # --- webhooks (the hooks worker) -------------------------------------------------------------
@@ -146,6 +157,11 @@ ATTEMPTS = Counter(
     "Recipient delivery attempts by outcome and destination provider.",
     ["outcome", "provider"],
 )
+BOUNCES = Counter(
+    "relay_bounces",
+    "Recipients that failed for good (bounced or expired), by bounce category.",
+    ["category"],
+)
 DEFERRALS = Counter(
     "relay_delivery_deferrals",
     "Recipients deferred (temporary failure) by destination provider.",
@@ -191,6 +207,13 @@ THROTTLE_EVENTS = Counter(
     "Throttle signals (421, 4.7.28, rate wording, configured patterns) by provider.",
     ["provider"],
 )
+# --- bounces (delivery status notifications, the scheduler) ---------------------------------
+DSN_ACTIONS = ("failed", "delayed", "relayed")
+DSNS = Counter(
+    "relay_dsn_queued",
+    "Delivery status notifications (RFC 3464) queued to senders, by action.",
+    ["action"],
+)
 
 
 def prime(providers: Iterable[str]) -> None:
@@ -201,6 +224,8 @@ def prime(providers: Iterable[str]) -> None:
         QUEUE.labels(state)
     for lane in LANES:
         QUEUE_LANES.labels(lane)
+    for category in CATEGORIES:
+        BOUNCES.labels(category)
     names = [*providers, OTHER_PROVIDER]
     for provider in names:
         DEFERRALS.labels(provider)
@@ -209,6 +234,10 @@ def prime(providers: Iterable[str]) -> None:
             ATTEMPTS.labels(outcome, provider)
     for result in RECIPIENT_RESULTS:
         RECIPIENTS.labels(result)
+    for stage in SUPPRESSION_STAGES:
+        SUPPRESSED.labels(stage)
+    for action in DSN_ACTIONS:
+        DSNS.labels(action)
     for result in TLS_RESULTS:
         TLS.labels(result)
     for kind in CONNECTION_KINDS:

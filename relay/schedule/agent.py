@@ -11,6 +11,7 @@ from typing import Any, Protocol
 from relay.config.model import Config
 from relay.delivery.courier import RecipientResult
 from relay.delivery.resolver import Route
+from relay.mail.dsnparams import DsnRequest
 
 
 class Agent(Protocol):
@@ -31,10 +32,12 @@ class Agent(Protocol):
         smtputf8: bool,
         destination: str,
         idle_room: int,
+        dsn: DsnRequest | None = None,
     ) -> list[RecipientResult]:
         """One transaction offering the message to route's hosts: a result per recipient, in
         input order; connections are pooled under destination, keeping at most idle_room of
-        its idle ones."""
+        its idle ones. dsn: the RFC 3461 parameters, passed on where the next hop takes them
+        (RecipientResult.dsn_relayed)."""
         ...
 
     async def sweep(self) -> None:

@@ -11,6 +11,7 @@ from collections import defaultdict
 from relay.config.model import Config
 from relay.delivery.courier import RecipientResult
 from relay.delivery.resolver import ResolveError
+from relay.mail.dsnparams import DsnRequest, MailParams, RcptParams
 from relay.observe import logs, metrics
 from relay.schedule.agent import Agent
 from relay.schedule.destinations import Destinations
@@ -18,6 +19,7 @@ from relay.schedule.dispatch import Dispatch
 from relay.schedule.index import Entry, Index
 from relay.schedule.outcome import Outcomes
 from relay.schedule.shaping import THROTTLE, Signal, combine, signal_of
+from relay.schedule.suppressed import Suppressed
 from relay.spool.layout import QUEUE
 from relay.spool.message import Message, Recipient
 from relay.spool.store import CorruptEntry, Spool, SpoolError
@@ -69,6 +71,7 @@ class Attempts:
         self.destinations: Destinations = dispatch.destinations
         self.outcomes = outcomes
         self.transactions = Limiter(cfg.delivery.concurrency)
+        self.suppressed = Suppressed(spool, outcomes.journal)
 
     async def run(self, entry: Entry) -> None:
         """Attempt entry's pending recipients, then give back its destinations' slots."""
@@ -76,6 +79,7 @@ class Attempts:
         try:
             msg = await self._load(entry)
             if msg is not None:
+                self.suppressed.drop(self.cfg, msg)  # suppressed since it was queued
                 await self._deliver_all(msg, dict(entry.routes), signals)
                 await self.outcomes.conclude(entry, msg)
         except Exception as exc:  # an I/O failure or a bug must not stop the scheduler
@@ -136,11 +140,9 @@ class Attempts:
                 self.outcomes.record(msg, rcpt, result, started, provider)
             # Persist each recipient's outcome as soon as it is known (docs/architecture.md
             # invariant 3); one with nothing left to do is removed instead (conclude), at once.
+            # Failures are reported and dead-lettered when the round ends (Outcomes.settle).
             if msg.pending() or msg.failed():
                 await asyncio.to_thread(self.spool.save, msg)
-            failed = [r for r in rcpts if r.status == "failed"]
-            if failed:
-                await self.outcomes.dead_letter(msg, failed, "permanent")
         outcome = signal_of((r.reply for r in results), self.cfg.throttle)
         if outcome.kind == THROTTLE:
             metrics.THROTTLE_EVENTS.labels(provider).inc()
@@ -167,5 +169,16 @@ class Attempts:
             smtputf8=msg.smtputf8,
             destination=dest,
             idle_room=max(0, limit.connections() - limit.busy),
+            dsn=dsn_request(msg, rcpts),
         )
         return self.cfg.provider(route.hosts[0].name), results
+
+
+def dsn_request(msg: Message, rcpts: list[Recipient]) -> DsnRequest | None:
+    """The RFC 3461 parameters of msg and rcpts for the next hop; None when none was given."""
+    params = tuple(
+        RcptParams(None if r.notify is None else tuple(r.notify), r.orcpt) for r in rcpts
+    )
+    if msg.ret is None and msg.envid is None and params == (RcptParams(),) * len(rcpts):
+        return None
+    return DsnRequest(MailParams(msg.ret, msg.envid), params)

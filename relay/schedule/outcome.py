@@ -11,11 +11,13 @@ import time
 from relay.config.model import Config
 from relay.delivery.courier import RecipientResult
 from relay.mail import events
+from relay.mail.category import categorize
 from relay.mail.reply import Verdict, classify
 from relay.observe import logs, metrics
 from relay.schedule.backoff import next_delay
 from relay.schedule.dispatch import Dispatch
 from relay.schedule.index import Entry, Index, pending_domains
+from relay.schedule.notices import Notices
 from relay.spool.groupcommit import GroupCommit
 from relay.spool.journal import SCHEDULER
 from relay.spool.message import Message, Recipient
@@ -48,6 +50,7 @@ class Outcomes:
         # The next attempt of a message's current round, drawn at its first deferral so that
         # the `deferred` events and the state agree: id -> (the round's message, due or None).
         self.planned: dict[str, tuple[Message, float | None]] = {}
+        self.notices = Notices(spool, index)  # delivery status notifications (docs/bounces.md)
 
     def record(
         self, msg: Message, rcpt: Recipient, result: RecipientResult, started: float, provider: str
@@ -61,6 +64,7 @@ class Outcomes:
             metrics.DEFERRALS.labels(provider).inc()
         elif rcpt.status == "delivered":
             metrics.RECIPIENTS.labels("delivered").inc()
+            self.notices.delivered(msg, rcpt, result.dsn_relayed)
         name = events.OF_ATTEMPT[rcpt.status]
         extra = {"next_attempt": events.iso(self._plan(msg))} if name == events.DEFERRED else {}
         self.journal.append([events.record(name, msg, started, rcpt, result, **extra)])
@@ -70,13 +74,16 @@ class Outcomes:
             tls=result.tls, tls_verified=result.tls_verified, tls_report=result.tls_report,
             reply=result.reply, outcome=verdict.value, attempt=rcpt.attempts,
             delay=round(time.time() - msg.queued_at, 3),
+            category=None if verdict == Verdict.DELIVERED else categorize(result.reply),
         )  # fmt: skip
 
     async def conclude(self, entry: Entry, msg: Message) -> None:
         """After every domain of this attempt: finish, expire, or schedule the next attempt."""
         pending = msg.pending()
         plan = self.planned.pop(msg.id, None)
+        await self.notices.relayed(self.cfg, msg)
         if not pending:
+            await self.settle(msg)
             await self._forget(entry, msg)
             return
         now = time.time()
@@ -85,6 +92,8 @@ class Outcomes:
         if due is None:
             await self._expire(entry, msg, pending)
             return
+        await self.settle(msg)
+        await self.notices.delay(self.cfg, msg, now)  # before the save that records it
         msg.next_attempt = due
         await asyncio.to_thread(self.spool.save, msg)
         logs.event(
@@ -113,11 +122,25 @@ class Outcomes:
         now = time.time()
         for rcpt in pending:
             rcpt.status = "expired"
-            logs.event(events.EXPIRED, id=msg.id, rcpt=rcpt.address, reply=rcpt.reply, mx=rcpt.mx)
+            logs.event(events.EXPIRED, id=msg.id, rcpt=rcpt.address, reply=rcpt.reply, mx=rcpt.mx,
+                       category=categorize(rcpt.reply))  # fmt: skip
         self.journal.append([events.record(events.EXPIRED, msg, now, r) for r in pending])
         await asyncio.to_thread(self.spool.save, msg)
-        await self.dead_letter(msg, pending, "expired")
+        await self.settle(msg)
         await self._forget(entry)
+
+    async def settle(self, msg: Message) -> None:
+        """msg's failed and expired recipients not yet reported: one DSN for them all, made
+        durable first, then their merge into its dead letters, the record that they were
+        reported (docs/bounces.md "Crash safety"; a crash in between sends the DSN again)."""
+        rcpts = await asyncio.to_thread(self.notices.unreported, msg)
+        if not rcpts:
+            return
+        await self.notices.failures(self.cfg, msg, rcpts)
+        for status, reason in (("failed", "permanent"), ("expired", "expired")):
+            group = [r for r in rcpts if r.status == status]
+            if group:
+                await self.dead_letter(msg, group, reason)
 
     async def dead_letter(self, msg: Message, rcpts: list[Recipient], reason: str) -> None:
         """Merge msg's failed recipients into its dead-letter record, counted, logged and
@@ -128,6 +151,8 @@ class Outcomes:
         )
         await asyncio.to_thread(self.spool.dead_letter, msg)
         metrics.RECIPIENTS.labels(RESULT_OF[rcpts[0].status]).inc(len(rcpts))
+        for rcpt in rcpts:
+            metrics.BOUNCES.labels(categorize(rcpt.reply)).inc()
         logs.event(events.DEAD_LETTERED, id=msg.id, rcpts=addresses, reason=reason)
 
     async def _forget(self, entry: Entry, msg: Message | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from relay.observe import logs
 from relay.schedule.dispatch import Dispatch
@@ -22,8 +22,12 @@ SCAN_BATCH = 2000
 class Scanner:
     """Adopts queued messages into the index: those intake announces, and any a scan finds."""
 
-    def __init__(self, spool: Spool, dispatch: Dispatch) -> None:
+    def __init__(
+        self, spool: Spool, dispatch: Dispatch, settle: Callable[[Message], Awaitable[None]]
+    ) -> None:
+        """settle: reports and dead-letters a message's failures (Outcomes.settle)."""
         self.spool = spool
+        self.settle = settle
         self.dispatch = dispatch
         self.index: Index = dispatch.index
         self.incoming: list[str] = []
@@ -82,8 +86,8 @@ class Scanner:
         if isinstance(msg, str):
             await asyncio.to_thread(self.spool.quarantine, msg_id, QUEUE, msg)
             return
-        if msg.failed():  # repairs a stop between saving an outcome and dead-lettering it
-            await asyncio.to_thread(self.spool.dead_letter, msg)
+        if msg.failed():  # repairs a stop between saving an outcome and reporting it
+            await self.settle(msg)
         if not msg.pending():
             await asyncio.to_thread(self.spool.remove, msg_id)
             return

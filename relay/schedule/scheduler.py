@@ -58,7 +58,7 @@ class Scheduler:
         self.outcomes = Outcomes(cfg, spool, self.index, self.dispatch, rng or random.Random())
         self.attempts = Attempts(cfg, spool, agent, self.dispatch, self.outcomes)
         self.operations = Operations(spool, self.dispatch)
-        self.scanner = Scanner(spool, self.dispatch)
+        self.scanner = Scanner(spool, self.dispatch, self.outcomes.settle)
         metrics.prime(cfg.provider_names())
 
     # --- what the control server and intake's wake-ups reach -------------------------------------

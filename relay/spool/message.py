@@ -43,6 +43,11 @@ class Recipient:
     ip: str | None = None
     # One entry per attempt: {"at", "outcome", "reply", "mx", "ip", "tls"}.
     history: list[dict[str, Any]] = field(default_factory=list)
+    # RFC 3461 RCPT parameters: NOTIFY (None: not given, the default: FAILURE and DELAY at
+    # the relay's discretion; else ["NEVER"] or some of SUCCESS, FAILURE, DELAY) and ORCPT
+    # as "addr-type;address", xtext decoded ("rfc822;b@y"); None when not given.
+    notify: list[str] | None = None
+    orcpt: str | None = None
 
     def record(self, at: float, outcome: str, reply: Reply, mx: str | None, ip: str | None,
                tls: bool) -> None:  # fmt: skip
@@ -84,6 +89,8 @@ class Recipient:
             mx=data.get("mx"),
             ip=data.get("ip"),
             history=list(data.get("history") or []),
+            notify=data.get("notify"),
+            orcpt=data.get("orcpt"),
         )
 
 
@@ -112,6 +119,15 @@ class Message:
     # was given with (docs/spool.md "Idempotency keys"); None without a key.
     idempotency_key: str | None = None
     content_hash: str | None = None
+    # RFC 3461 MAIL parameters: RET (FULL or HDRS; None: not given, HDRS is the default) and
+    # ENVID, xtext decoded; None when not given.
+    ret: str | None = None
+    envid: str | None = None
+    # dsn_of: the queue id of the message a delivery status notification the relay made
+    # reports on (docs/bounces.md); None for mail from clients. delay_warned: when the one
+    # delay warning for this message was queued (None: not yet).
+    dsn_of: str | None = None
+    delay_warned: float | None = None
 
     @property
     def born(self) -> float:
@@ -166,6 +182,10 @@ class Message:
             batch_id=data.get("batch_id"),
             idempotency_key=data.get("idempotency_key"),
             content_hash=data.get("content_hash"),
+            ret=data.get("ret"),
+            envid=data.get("envid"),
+            dsn_of=data.get("dsn_of"),
+            delay_warned=data.get("delay_warned"),
         )
 
 

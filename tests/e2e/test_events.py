@@ -80,7 +80,7 @@ def test_a_deferral_says_when_the_next_attempt_is_due(relay: RelayFactory, sink:
     daemon.wait_event("delivered", id=queue_id, timeout=15)
     received, deferred, delivered = of(daemon, queue_id)
     assert names([received, deferred, delivered]) == ["received", "deferred", "delivered"]
-    assert set(deferred) == COMMON | ATTEMPT | {"next_attempt"}
+    assert set(deferred) == COMMON | ATTEMPT | {"next_attempt", "category"}
     assert {k: deferred[k] for k in ("rcpt", "status", "attempt", "reply", "code", "enhanced")} == {
         "rcpt": "user@a.test", "status": "pending", "attempt": 1,
         "reply": "451 4.7.1 greylisted", "code": 451, "enhanced": "4.7.1",
@@ -110,6 +110,7 @@ def test_a_bounce_is_dead_lettered_and_a_requeue_journaled(
         "code": 550,
         "enhanced": "5.1.1",
     }
+    assert bounced["category"] == "invalid_recipient"
     assert set(dead) == COMMON | {"rcpts", "reason"}
     assert (dead["rcpts"], dead["reason"], dead["status"]) == (
         ["no@a.test"],

@@ -30,6 +30,7 @@ HELD_AT_MOST = 60.0
 PORT_ATTEMPTS = 200
 PROBE_ADDRESSES = [f"127.0.0.{n}" for n in range(1, 10)]
 LOWEST_PORT = 10_000
+DSN_PARAMS = ("RET", "ENVID", "NOTIFY", "ORCPT")
 
 
 @dataclass
@@ -43,6 +44,8 @@ class Received:
     tls: bool
     helo: str  # the name given in EHLO or HELO
     mail_options: list[str] = field(default_factory=list)  # e.g. ["SIZE=123", "BODY=8BITMIME"]
+    # Each recipient's RCPT parameters (RFC 3461's, which only a sink with dsn=True takes).
+    rcpt_options: dict[str, list[str]] = field(default_factory=dict)
     user: str | None = None  # who authenticated (AUTH) in the session that sent it
 
 
@@ -68,6 +71,8 @@ class _Handler:
         if not self.sink.esmtp:
             return ["502 5.5.1 EHLO not implemented, try HELO"]
         session.host_name = name
+        if self.sink.dsn:
+            replies = [replies[0], "250-DSN", *replies[1:]]
         if self.sink.pipelining:  # aiosmtpd reads commands one by one whatever arrives together
             return [replies[0], "250-PIPELINING", *replies[1:]]
         return replies
@@ -78,7 +83,8 @@ class _Handler:
         reply = await self._answer(server, "mail")
         if reply.startswith("2"):
             envelope.mail_from = address  # aiosmtpd gives the null reverse path as "<>"
-            envelope.mail_options.extend(options)
+            envelope.mail_options.extend([*options, *cast(_Server, server).dsn_taken])
+            cast(_Server, server).rcpt_options = {}
         return reply
 
     async def handle_RCPT(
@@ -87,6 +93,7 @@ class _Handler:
         reply = await self._answer(server, f"rcpt:{address}")
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
+            cast(_Server, server).rcpt_options[address] = cast(_Server, server).dsn_taken
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -101,6 +108,7 @@ class _Handler:
                     tls=session.ssl is not None or self.sink.smtps,
                     helo=session.host_name or "",
                     mail_options=list(envelope.mail_options),
+                    rcpt_options=dict(cast(_Server, server).rcpt_options),
                     user=str(session.auth_data) if session.authenticated else None,
                 )
             )
@@ -132,10 +140,23 @@ class _Server(SMTP):
         super().__init__(_Handler(sink), **options)
         self.sink = sink
         self.counted = False  # whether connected() was called and disconnected() not yet
+        self.dsn_taken: list[str] = []  # the RFC 3461 parameters of the last MAIL or RCPT
+        self.rcpt_options: dict[str, list[str]] = {}  # this transaction's, by recipient
         # aiosmtpd dispatches through this table; wrapping it logs every verb a client sends.
         self._smtp_methods = {
             verb: _logged(self, verb, method) for verb, method in self._smtp_methods.items()
         }
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's, with RET, ENVID, NOTIFY and ORCPT taken out of the parameters (it would
+        refuse them) into dsn_taken, as sent, when the sink offers DSN."""
+        address, params = super()._getaddr(arg)
+        self.dsn_taken = []
+        if self.sink.dsn and params:
+            tokens = params.split()
+            self.dsn_taken = [t for t in tokens if t.partition("=")[0].upper() in DSN_PARAMS]
+            params = " ".join(t for t in tokens if t not in self.dsn_taken)
+        return address, params
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # not the second call STARTTLS makes with the TLS transport
@@ -189,12 +210,15 @@ class MxSink:
         auth_require_tls: bool = True,
         smtps: ssl.SSLContext | None = None,
         pipelining: bool = True,
+        dsn: bool = False,
     ) -> None:
         """auth: users and passwords that AUTH (PLAIN, LOGIN) accepts; offered only after
         STARTTLS unless auth_require_tls is false (or the sink is smtps). smtps: serve TLS
         from the first byte with this context (implicit TLS, RFC 8314). pipelining: announce
-        PIPELINING (RFC 2920), as most MX hosts do."""
+        PIPELINING (RFC 2920), as most MX hosts do. dsn: announce DSN (RFC 3461) and take its
+        parameters, recorded in Received.mail_options and rcpt_options."""
         self.ip, self.port, self.esmtp = ip, port, esmtp
+        self.dsn = dsn
         self.pipelining = pipelining
         self.smtps = smtps is not None
         self._smtps_context = smtps

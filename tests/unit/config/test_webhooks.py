@@ -100,7 +100,7 @@ def test_several_hooks_keep_their_order() -> None:
         (f"webhooks: [{HOOK}, url: 'http://10.0.0.1/'}}]", "webhooks: [0] url: plain http only to a loopback host"),
         (f"webhooks: [{HOOK}, url: 'http://localhost.example.com/'}}]", "webhooks: [0] url: plain http only to a loopback host"),
         (f"webhooks: [{HOOK}, secret_file: ''}}]", "webhooks: [0] secret_file: '' is not a path"),
-        (f"webhooks: [{HOOK}, events: [delivered, sent]}}]", "webhooks: [0] events: [1] 'sent' is not an event (known: bounced, cancelled, dead_lettered, deferred, delivered, expired, held, received, released, requeued)"),
+        (f"webhooks: [{HOOK}, events: [delivered, sent]}}]", "webhooks: [0] events: [1] 'sent' is not an event (known: bounced, cancelled, dead_lettered, deferred, delivered, expired, held, received, released, requeued, suppressed)"),
         (f"webhooks: [{HOOK}, events: []}}]", "webhooks: [0] events: give at least one event, or leave events out for all of them"),
         (f"webhooks: [{HOOK}, events: delivered}}]", "webhooks: [0] events: 'delivered' is not a list"),
         (f"webhooks: [{HOOK}, final_only: true, events: [delivered, deferred]}}]", "webhooks: [0] events: deferred is never sent with final_only: true"),

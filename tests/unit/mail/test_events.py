@@ -77,7 +77,8 @@ def test_an_attempt_carries_the_reply_and_where_it_came_from() -> None:
         "event": "deferred", "id": msg.id, "tenant": "default", "batch_id": None,
         "sender": "app@s.test", "rcpt": "u0@a.test", "status": "pending", "attempt": 2,
         "reply": "451 4.7.1 greylisted", "code": 451, "enhanced": "4.7.1", "mx": "mx.a.test",
-        "ip": "192.0.2.1", "tls": True, "next_attempt": "2027-01-15T08:00:00.000000Z",
+        "ip": "192.0.2.1", "tls": True, "category": "policy",
+        "next_attempt": "2027-01-15T08:00:00.000000Z",
     }  # fmt: skip
 
 
@@ -99,6 +100,7 @@ def test_a_recipient_event_without_an_attempt_keeps_its_last_reply(
     assert got == {
         "event": "expired", "id": msg.id, "tenant": "default", "batch_id": None,
         "sender": "app@s.test", "rcpt": "u0@a.test", "status": status, **extra,
+        "category": "unknown",  # no reply, or one that says nothing more
     }  # fmt: skip
 
 
@@ -114,3 +116,22 @@ def test_a_name_outside_the_vocabulary_is_refused() -> None:
 )  # fmt: skip
 def test_a_recipient_status(status: str, shown: str) -> None:
     assert events.recipient_status(status) == shown
+
+
+def test_received_carries_the_dsn_parameters_only_when_given() -> None:
+    """RFC 3461: RET and ENVID on the message, NOTIFY and ORCPT per recipient that had any."""
+    plain = events.record(events.RECEIVED, message("queued", "queued"), NOW)
+    assert "dsn" not in plain
+    msg = message("queued", "queued", ret="HDRS", envid="abc+d")
+    msg.recipients[1].notify, msg.recipients[1].orcpt = ["FAILURE", "DELAY"], "rfc822;u1@a.test"
+    dsn = events.record(events.RECEIVED, msg, NOW)["dsn"]
+    assert dsn == {
+        "ret": "HDRS",
+        "envid": "abc+d",
+        "recipients": {"u1@a.test": {"notify": ["FAILURE", "DELAY"], "orcpt": "rfc822;u1@a.test"}},
+    }
+    msg = message("queued")
+    msg.recipients[0].notify = ["NEVER"]
+    assert events.record(events.RECEIVED, msg, NOW)["dsn"] == {
+        "ret": None, "envid": None, "recipients": {"u0@a.test": {"notify": ["NEVER"], "orcpt": None}},
+    }  # fmt: skip

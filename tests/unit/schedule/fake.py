@@ -18,6 +18,7 @@ from relay import config
 from relay.config.model import Config
 from relay.delivery.courier import RecipientResult
 from relay.delivery.resolver import Host, ResolveError, Route
+from relay.mail.dsnparams import DsnRequest
 from relay.mail.reply import Reply
 from relay.schedule.scheduler import Scheduler
 from relay.spool.message import Message, Recipient, new_id
@@ -89,8 +90,9 @@ class FakeAgent:
         smtputf8: bool,
         destination: str,
         idle_room: int,
+        dsn: DsnRequest | None = None,
     ) -> list[RecipientResult]:
-        assert body.read_bytes() == b"".join(BODY)
+        assert sender == "" or body.read_bytes() == b"".join(BODY)  # "": a DSN the relay made
         self.calls.append(Call(route.domain, tuple(recipients), destination, time.time()))
         self.open[destination] += 1
         self.most[destination] = max(self.most[destination], self.open[destination])
@@ -128,8 +130,12 @@ class FakeAgent:
 
 
 def settings(overrides: dict[str, Any] | None = None) -> Config:
-    """A Config with retries every 0.2 s without jitter, overrides merged over it."""
-    data: dict[str, Any] = {"delivery": {"retry": {"schedule": ["0.2s"], "jitter": 0}}}
+    """A Config with retries every 0.2 s without jitter and no DSNs (tests of them turn them
+    on), overrides merged over it."""
+    data: dict[str, Any] = {
+        "delivery": {"retry": {"schedule": ["0.2s"], "jitter": 0}},
+        "bounces": {"enabled": False},
+    }
     for section, values in (overrides or {}).items():
         if section == "delivery" and "retry" in values:
             values = {**values, "retry": {**data["delivery"]["retry"], **values["retry"]}}
