@@ -14,6 +14,7 @@ pytest_plugins = [
     "tests.support.daemon",
     "tests.support.prometheus",
     "tests.support.browser",  # after prometheus, whose apt lock it takes
+    "tests.support.programs",  # after prometheus, whose apt lock it takes
     "tests.support.tls",
 ]
 

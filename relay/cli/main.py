@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from relay import config
-from relay.cli import admin, history, queue, suppress, token, webhook
+from relay.cli import admin, history, queue, sendmail, suppress, token, webhook
 from relay.cli.fail import EX_CONFIG, EX_USAGE, Fail
 from relay.daemon import supervisor as daemon
 from relay.ops import control
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     sub.add_parser("serve", parents=[common], help="run the relay (supervisor and its workers)")
     sub.add_parser("check-config", parents=[common], help="validate the configuration and exit")
+    sub.add_parser(  # main() hands it sendmail's own flags before argparse sees them
+        "sendmail", help="sendmail(8): a message on stdin into the maildrop (-t -i -f ...)"
+    )
     sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
     add_user_commands(sub, common)
     add_token_commands(sub, common)
@@ -163,6 +166,9 @@ def add_spool_commands(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sendmail"]:  # sendmail's own flags (-t -i -fme@x), not argparse's
+        return sendmail.main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         return run(args)

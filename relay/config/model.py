@@ -27,6 +27,7 @@ from relay.config.providers import DEFAULT_PROVIDERS, providers
 from relay.config.quotas import QuotasConfig
 from relay.config.routes import RouteRule, domain_matches, routes
 from relay.config.schema import ConfigError, build, option
+from relay.config.sendmail import SendmailConfig
 from relay.config.smtp import SmtpConfig
 from relay.config.spool import SpoolConfig
 from relay.config.suppression import SuppressionConfig
@@ -56,6 +57,7 @@ class Config:
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    sendmail: SendmailConfig = field(default_factory=SendmailConfig)
     # Endpoints sent the journal's events, signed (Standard Webhooks); none by default.
     webhooks: tuple[WebhookConfig, ...] = option(webhooks, ())
 

@@ -19,7 +19,7 @@ from relay.daemon.systemd import feed_watchdog, notify_reloading, notify_systemd
 from relay.daemon.workers import ROLES, STATUS_FD, SUPERVISOR_PID, worker
 from relay.intake import dkim, tls, users
 from relay.observe import logs, metrics
-from relay.spool import reserve
+from relay.spool import maildrop, reserve
 from relay.spool.layout import DEAD
 from relay.spool.run import DAEMON_LOCK, spool_lock
 from relay.spool.store import Spool
@@ -76,7 +76,22 @@ def preflight(config_file: str | None, cfg: config.Config) -> list[str]:
     warnings = [problem for path in secrets_ if (problem := exposed(path, 0o007, "o-rwx"))]
     if config_file:  # like Postfix's main.cf: readable is fine, writable by others is not
         warnings += [p for p in [exposed(Path(config_file), 0o022, "go-w")] if p]
-    return warnings
+    return warnings + [p for p in [maildrop_mode(cfg.sendmail.maildrop)] if p]
+
+
+def maildrop_mode(directory: Path) -> str | None:
+    """A warning unless the maildrop is mode 3733: others may add files, never list or read
+    them; the setgid bit gives each file the relay's group (docs/sendmail.md)."""
+    try:
+        mode = directory.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return None  # the intake makes it, mode 3733
+    except OSError as exc:
+        return f"sendmail.maildrop {directory}: {exc.strerror}"
+    if mode != maildrop.MODE:
+        return (f"sendmail.maildrop {directory} is mode {mode:04o}, expected "
+                f"{maildrop.MODE:04o} (chmod {maildrop.MODE:04o} {directory})")  # fmt: skip
+    return None
 
 
 def exposed(path: Path, forbidden: int, fix: str) -> str | None:

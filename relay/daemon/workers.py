@@ -22,6 +22,7 @@ from relay.history.store import History
 from relay.intake import listeners
 from relay.intake.handler import IntakeHandler
 from relay.intake.notifier import Notifier
+from relay.intake.pickup import Pickup
 from relay.observe import logs, metrics
 from relay.ops import control
 from relay.schedule.scheduler import Scheduler
@@ -156,6 +157,9 @@ async def run_intake(w: Worker) -> int:
     metrics.prime(w.cfg.provider_names())
     w.ready(listen=[f"{h}:{p}" for h, p in w.cfg.smtp.listen])
     beat = asyncio.ensure_future(w.heartbeat())
+    # The maildrop's files, submitted over the socket just bound (docs/sendmail.md).
+    picked = asyncio.Event()
+    pickup = asyncio.ensure_future(Pickup(w.cfg, w.spool).run(picked))
 
     async def reload(cfg: config.Config) -> None:
         try:  # new sessions take the new limits, certificate and users; open ones keep theirs
@@ -168,6 +172,8 @@ async def run_intake(w: Worker) -> int:
     async def cut_now() -> int:
         return handler.cut()
 
+    picked.set()
+    await pickup
     cut = await w.stop_within_grace(handler.drain(w.cfg.lifecycle.grace), cut_now)
     for server in servers:
         server.close()

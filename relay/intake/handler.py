@@ -363,6 +363,9 @@ def waits(msg: Message) -> str:
     return "scheduled" if msg.send_at is not None else "queued"
 
 
+MAILDROP_HELO = "maildrop"  # relay/intake/pickup.py's EHLO name
+
+
 def received_header(
     hostname: str, server: RelaySMTP, session: Session, envelope: Envelope, msg_id: str
 ) -> bytes:
@@ -370,9 +373,9 @@ def received_header(
     (ESMTP, S for TLS, A for AUTH; UTF8SMTP)."""
     base = "UTF8SMTP" if envelope.smtp_utf8 else "ESMTP" if session.extended_smtp else "SMTP"
     protocol = base + ("S" if server.tls_active else "") + ("A" if session.authenticated else "")
-    if server.listener == API:
-        protocol = "HTTP"  # as Postal traces its HTTP API's messages
     helo = " ".join((session.host_name or "unknown").split())
+    if server.listener == API:  # as Postal traces its HTTP API's messages; the maildrop's
+        protocol = "local" if helo == MAILDROP_HELO else "HTTP"
     rcpts = envelope.rcpt_tos
     recipient = f"\r\n\tfor <{rcpts[0]}>" if len(rcpts) == 1 else ""
     date = email.utils.format_datetime(email.utils.localtime())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import warnings
 from collections.abc import Callable
 
 from relay.intake.handler import IntakeHandler
@@ -16,6 +17,9 @@ from relay.observe import metrics
 from relay.spool.run import SUBMIT_SOCKET
 
 LISTENERS = metrics.LISTENERS
+# aiosmtpd warns, outside the JSON log, that the submission socket requires AUTH without TLS:
+# it is a 0600 UNIX socket whose only mechanism is EXTERNAL, granted to our own uid.
+warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS", UserWarning)
 
 
 async def serve(handler: IntakeHandler) -> list[asyncio.Server]:
@@ -32,15 +36,14 @@ async def serve(handler: IntakeHandler) -> list[asyncio.Server]:
     for listener in LISTENERS:
         for host, port in addresses[listener]:
             servers.append(await loop.create_server(_factory(handler, listener), host, port))
-    if handler.cfg.api.listen is not None:
-        servers.append(await serve_api(handler))
+    servers.append(await serve_api(handler))  # the API's submissions, and the maildrop's
     return servers
 
 
 async def serve_api(handler: IntakeHandler) -> asyncio.Server:
-    """run/submit.sock, for the API worker only: the socket is 0600 (our user's), and its
-    sessions authenticate as the request's tenant with SASL EXTERNAL (RFC 4422 appendix A),
-    which the session grants only to a peer of our own uid."""
+    """run/submit.sock, for the API worker and the maildrop's pickup only: the socket is 0600
+    (our user's), and its sessions authenticate as the request's tenant with SASL EXTERNAL
+    (RFC 4422 appendix A), which the session grants only to a peer of our own uid."""
     path = handler.spool.socket_address(SUBMIT_SOCKET)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

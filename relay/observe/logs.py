@@ -17,7 +17,7 @@ EVENTS = events.NAMES | frozenset(
     {
         # mail flow
         "rejected", "replayed", "attempt", "retry_scheduled", "quota_held", "throttle_changed",
-        "dns_query_failed", "webhook_failed", "stream_dropped",
+        "dns_query_failed", "webhook_failed", "stream_dropped", "picked_up", "maildrop_rejected",
         # bounces: a delivery status notification queued (relay.schedule.notices)
         "dsn_queued",
         # suppression lists (docs/suppression.md)
