@@ -47,7 +47,7 @@ def prepared(dropped: maildrop.Dropped, hostname: str) -> bytes:
     """The message as submitted: a trace field naming the local user (the file's owner, as
     Postfix's pickup does), and an idempotency key from the file's name, so that a file taken
     again after a crash makes no second message."""
-    date = email.utils.formatdate(localtime=True)
+    date = email.utils.formatdate(dropped.at, localtime=True)  # the same if taken again
     trace = (f"Received: by {hostname} (relay sendmail, from userid {dropped.uid} "
              f"{user_of(dropped.uid)});\r\n\t{date}\r\n").encode()  # fmt: skip
     head = dropped.data.split(b"\r\n\r\n", 1)[0].lower()

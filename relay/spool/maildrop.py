@@ -46,13 +46,15 @@ class Dropped:
     envelope: Envelope
     data: bytes
     uid: int
+    at: float  # when it was dropped (from the file: the same each time it is read)
 
 
 def drop(directory: Path, envelope: Envelope, data: bytes) -> str:
     """Write one message durably; its name. OSError when the directory cannot take it."""
     name = f"{time.time_ns():x}.{secrets.token_hex(8)}"
     temporary = directory / f".{name}.tmp"
-    line = json.dumps({"version": VERSION, **asdict(envelope), "size": len(data)})
+    at = time.time()
+    line = json.dumps({"version": VERSION, **asdict(envelope), "size": len(data), "at": at})
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -112,7 +114,10 @@ def read(path: Path, max_size: int) -> Dropped:
     header = _header(line)
     if header.get("size") != len(data):
         raise Malformed(f"{len(data)} bytes of message, the envelope says {header.get('size')}")
-    return Dropped(path.name, envelope_of(header), data, uid)
+    envelope, at = envelope_of(header), header.get("at")
+    if not isinstance(at, int | float):
+        raise Malformed("the envelope has no time it was dropped at")
+    return Dropped(path.name, envelope, data, uid, float(at))
 
 
 def _header(line: bytes) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import collections
 import json
 import os
 import pwd
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ SENDMAIL = BIN / "relay-sendmail"
 USER = pwd.getpwuid(os.getuid()).pw_name  # who runs relay-sendmail: the default sender's name
 DOMAIN = "relay.test"  # smtp.hostname of the test daemon: sendmail.default_domain's default
 MAILDROP_MODE = 0o3733  # as the README's install step makes it: anyone may add, nobody list
+QUEUED_AS = re.compile(rb"\(relay\) with local id ([0-9a-f]{20})")  # the intake's Received
 PICKUP = 15.0  # seconds from a file in the maildrop to the sink: a 0.5 s poll, then delivery
 BULK = 1000
 SINGLE = 40  # of them dropped by a relay-sendmail process each
@@ -273,6 +275,61 @@ def test_a_thousand_drops_while_down_are_delivered_once(
     assert len(daemon.events("picked_up")) == BULK
     assert waiting(daemon) == []
     print(f"{BULK} drops in {dropped:.1f}s; delivered {took:.1f}s after the start")
+
+
+def test_kill_9_during_the_pickup_loses_nothing_and_repeats_nothing(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    """Killed (the whole process group) while the pickup takes 300 files: after the restart
+    each message was queued once (a file taken again is answered by its idempotency key with
+    the same queue id). A delivery in flight at the kill may reach the sink twice, as with any
+    MTA: the same queue id both times."""
+    daemon = with_maildrop(relay, tmp_path, start=False)
+    total = 300
+    proc = sendmail(daemon, "-bs", stdin=session(range(total)), timeout=120)
+    assert proc.returncode == 0 and len(waiting(daemon)) == total, proc.stdout[-300:]
+    daemon.start()
+    deadline = time.monotonic() + 30
+    while len(daemon.events("picked_up")) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.kill9()
+    left = len(waiting(daemon))
+    assert 0 < left < total, f"the kill came at {left} files waiting: no pickup under way"
+    daemon.start()
+    delivered(daemon, sink, total, timeout=120)
+    time.sleep(2)  # a message queued twice would be delivered by now
+    queued: dict[str, set[str]] = collections.defaultdict(set)
+    for message in sink.received:
+        match = QUEUED_AS.search(message.data)
+        assert match, message.data[:300]
+        queued[subject(message)].add(match.group(1).decode())
+    assert {name: len(ids) for name, ids in queued.items()} == {
+        f"drop {n:04d}": 1 for n in range(total)
+    }
+    assert waiting(daemon) == []
+
+
+def test_a_file_taken_again_after_a_crash_makes_no_second_message(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    """What a kill between the intake's 250 and the file's removal leaves: the message queued
+    (and here delivered) and its file still in the maildrop. Taken again, the idempotency key
+    answers with the first message's id: nothing is queued or sent twice."""
+    daemon = with_maildrop(relay, tmp_path, start=False)
+    assert sendmail(daemon, "-i", "once@a.test", stdin=numbered(1)).returncode == 0
+    [name] = waiting(daemon)
+    saved = (maildrop_of(daemon) / name).read_bytes()
+    daemon.start()
+    delivered(daemon, sink, 1)
+    daemon.stop()
+    (maildrop_of(daemon) / name).write_bytes(saved)  # as the kill left it
+    daemon.start()
+    deadline = time.monotonic() + PICKUP
+    while waiting(daemon) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # a second message would be delivered by now
+    first, again = daemon.events("picked_up")
+    assert first["id"] == again["id"] and len(sink.received) == 1
 
 
 def test_errors_are_one_line_with_sysexits_codes(relay: RelayFactory, tmp_path: Path) -> None:

@@ -109,14 +109,18 @@ def test_a_dropped_file_reads_back_and_bad_ones_are_malformed(tmp_path: Path) ->
     bad = {
         "garbage": b"not json\nhi\r\n",
         "no recipient": json.dumps(
-            {"version": 1, "sender": "a@x.test", "recipients": [], "size": 4}
+            {"version": 1, "sender": "a@x.test", "recipients": [], "size": 4, "at": 1.0}
         ).encode()
         + b"\nhi\r\n",
         "short": json.dumps(
-            {"version": 1, "sender": "", "recipients": ["b@x.test"], "size": 99}
+            {"version": 1, "sender": "", "recipients": ["b@x.test"], "size": 99, "at": 1.0}
         ).encode()
         + b"\nhi\r\n",
         "no line": b"x" * 50,
+        "no time": json.dumps(
+            {"version": 1, "sender": "", "recipients": ["b@x.test"], "size": 4}
+        ).encode()
+        + b"\nhi\r\n",
     }
     for label, content in bad.items():
         (tmp_path / label).write_bytes(content)
