@@ -14,6 +14,7 @@ from relay import config
 from relay.cli import sendmail
 from relay.cli.fail import Fail
 from relay.config.sendmail import SendmailConfig
+from relay.daemon.supervisor import maildrop_mode
 from relay.spool import maildrop
 
 CFG = config.Config()
@@ -130,3 +131,14 @@ def test_a_dropped_file_reads_back_and_bad_ones_are_malformed(tmp_path: Path) ->
         maildrop.read(tmp_path / name, 5)
     moved = maildrop.reject(tmp_path / "garbage")
     assert moved == tmp_path / "rejected" / "garbage" and moved.exists()
+
+
+def test_check_config_warns_about_the_maildrop_mode(tmp_path: Path) -> None:
+    directory = tmp_path / "maildrop"
+    assert maildrop_mode(directory) is None  # missing: the daemon makes it
+    directory.mkdir()
+    directory.chmod(0o3733)
+    assert maildrop_mode(directory) is None
+    directory.chmod(0o1777)  # readable by everyone: others could list the drops
+    warning = maildrop_mode(directory)
+    assert warning is not None and "mode 1777, expected 3733" in warning
