@@ -9,6 +9,7 @@ import email.utils
 import os
 import pwd
 import re
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
@@ -293,6 +294,13 @@ def taken(cfg: config.Config, env: StdioEnvelope) -> str:
     return f"250 2.0.0 Ok: queued as maildrop/{drop(cfg, envelope, data)}"
 
 
+def queue_command(action: str, config_file: str | None) -> int:
+    """-bp and -q: `relay queue list` and `relay queue flush`, run as the relay command."""
+    argv = [sys.executable, "-m", "relay", "queue", action]
+    argv += ["--config", config_file] if config_file else []
+    return subprocess.run(argv, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     """`relay sendmail` and the relay-sendmail script (which imports only this module and what
     it needs, not the daemon: a cron job pays 0.3 s, not 0.8). -bp and -q are the queue's list
@@ -300,10 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse(list(sys.argv[1:] if argv is None else argv))
         if opts.mode in ("bp", "q"):
-            from relay.cli.main import main as relay  # the whole CLI, for these two only
-
-            action = "list" if opts.mode == "bp" else "flush"
-            return relay(["queue", action, *(["--config", opts.config] if opts.config else [])])
+            return queue_command("list" if opts.mode == "bp" else "flush", opts.config)
         return run(opts)
     except Fail as exc:
         print(f"relay-sendmail: {str(exc).removeprefix('sendmail: ')}", file=sys.stderr)

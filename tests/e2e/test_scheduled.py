@@ -16,17 +16,17 @@ def test_message_leaves_at_its_time_without_the_directive(
     relay: RelayFactory, sink: MxSink
 ) -> None:
     daemon = relay()
-    send_at = time.time() + 10  # three CLI runs (a second each on a busy machine) before that
+    send_at = time.time() + 15  # three CLI runs (a second each on a busy machine) before that
     queue_id = daemon.send(["user@a.test"], body(f"{send_at:.3f}"))
     [entry] = daemon.cli_json("queue", "list")
     assert entry["id"] == queue_id and entry["status"] == "scheduled" and entry["send_at"]
     assert "(scheduled for " in daemon.cli("queue", "list").stdout
     daemon.cli("queue", "flush", "ALL")  # flush does not send scheduled mail early
     # The scheduler publishes its gauges every second.
-    eventually(lambda: daemon.metric("relay_queue_messages", state="scheduled") == 1.0)
+    eventually(lambda: daemon.metric("relay_queue_messages", state="scheduled") == 1.0, 10)
     assert time.time() < send_at - 0.5, "the checks above took too long to prove anything"
     assert sink.received == []
-    [got] = sink.wait_for(1, timeout=15)
+    [got] = sink.wait_for(1, timeout=20)
     arrived = time.time()
     assert send_at - 0.05 <= arrived <= send_at + 1.0  # on time, within a second
     assert b"X-Relay-Send-At" not in got.data and got.data.endswith(

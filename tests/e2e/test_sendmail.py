@@ -332,6 +332,16 @@ def test_a_file_taken_again_after_a_crash_makes_no_second_message(
     assert first["id"] == again["id"] and len(sink.received) == 1
 
 
+def test_bp_lists_the_queue_and_q_flushes_it(
+    relay: RelayFactory, sink: MxSink, tmp_path: Path
+) -> None:
+    daemon = with_maildrop(relay, tmp_path)
+    listed = sendmail(daemon, "-bp", stdin=b"")
+    assert (listed.returncode, listed.stdout.strip()) == (0, b"Mail queue is empty")
+    flushed = sendmail(daemon, "-q", stdin=b"")
+    assert flushed.returncode == 0, flushed.stderr
+
+
 def test_errors_are_one_line_with_sysexits_codes(relay: RelayFactory, tmp_path: Path) -> None:
     daemon = with_maildrop(relay, tmp_path, start=False)
     cases = [

@@ -83,6 +83,8 @@ def test_after_kill_9_a_client_resumes_with_its_last_id(
 ) -> None:
     daemon, token = with_token(relay, tmp_path)
     with Stream(daemon.api_url, token) as before:
+        daemon.send(["first@a.test"])
+        before.wait(lambda got: len(got) >= 2, 20)  # its received and delivered: streaming
         acked = kill9_under_load(daemon, at_least=60)
         before.ended.wait(10)  # the relay went away under it
     seen = before.events()
