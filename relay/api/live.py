@@ -13,7 +13,7 @@ from aiohttp import web
 from relay.api.problems import Problem
 from relay.history import ingest, project
 from relay.history.store import History
-from relay.mail.events import iso
+from relay.mail.events import iso, seconds
 from relay.mail.waiting import waiting_state
 from relay.ops import control
 from relay.spool.layout import Layout
@@ -112,7 +112,7 @@ def settle(item: dict[str, Any], why: list[Any] | None, now: float) -> None:
 def waiting(item: dict[str, Any], now: float) -> list[Any]:
     """Why a pending message waits, from the history alone: held, scheduled, deferred or
     queued (the scheduler alone knows quota, throttled, suspended and active)."""
-    send_at = project.seconds(item["send_at"])
+    send_at = seconds(item["send_at"])
     attempted = item["attempts"] > 0 or any(r["attempts"] for r in item["recipients"])
     state = waiting_state(
         held=item["held"],
@@ -120,7 +120,7 @@ def waiting(item: dict[str, Any], now: float) -> list[Any]:
         quota=False,
         attempted=attempted,
     )
-    nexts = [project.seconds(r["next_attempt"]) for r in pending(item) if r["next_attempt"]]
+    nexts = [seconds(r["next_attempt"]) for r in pending(item) if r["next_attempt"]]
     at = {"held": None, "scheduled": send_at}.get(state, max([now, *filter(None, nexts)]))
     return [state, at, None]
 

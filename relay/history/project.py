@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime
 from typing import Any
 
 from relay.mail import events as names
+from relay.mail.events import seconds
 
 # A recipient's status in the history: the state file's words, as the API says them.
 RECIPIENT_STATUS = {"pending": "pending", "delivered": "delivered", "failed": "bounced",
@@ -16,13 +16,6 @@ RECIPIENT_STATUS = {"pending": "pending", "delivered": "delivered", "failed": "b
 FINAL = frozenset({"delivered", "bounced", "expired", "cancelled"})
 PARTIAL = "partial"
 PENDING = "pending"
-
-
-def seconds(timestamp: str | None) -> float | None:
-    """UTC epoch seconds of an event's ISO 8601 time (None stays None)."""
-    if timestamp is None:
-        return None
-    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
 def apply(db: sqlite3.Connection, event: dict[str, Any]) -> bool:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from relay.hooks.payload import body
+from relay.mail.events import seconds
 from relay.spool.cursor import Reader, connect
 
 READY, PARKED = "ready", "parked"
@@ -173,6 +173,7 @@ class Outbox(Reader):
 def created(event: Mapping[str, Any], default: float) -> float:
     """The event's time (its ISO 8601 timestamp) as UTC epoch seconds."""
     try:
-        return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+        at = seconds(str(event["timestamp"]))
     except (KeyError, ValueError):
         return default
+    return default if at is None else at

@@ -191,6 +191,13 @@ def message_status(msg: Envelope, now: float) -> str:
     return FINISHED.get(ended.pop(), PARTIAL) if len(ended) == 1 else PARTIAL
 
 
+def seconds(timestamp: str | None) -> float | None:
+    """UTC epoch seconds of an event's ISO 8601 time (iso's inverse; None stays None)."""
+    if timestamp is None:
+        return None
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
 def iso(moment: float | None) -> str | None:
     """UTC ISO 8601 with microseconds and Z, as events carry times."""
     if moment is None:

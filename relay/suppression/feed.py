@@ -11,7 +11,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +155,8 @@ class Feed(cursor.Reader):
 def _seconds(event: dict[str, Any]) -> float:
     """The event's time, UTC epoch seconds (its ISO 8601 timestamp)."""
     stamp = event.get("timestamp")
-    if not isinstance(stamp, str):
-        return time.time()
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    at = names.seconds(stamp) if isinstance(stamp, str) else None
+    return time.time() if at is None else at
 
 
 async def follow(feed: Feed, directory: Path, stop: asyncio.Event) -> None:
