@@ -14,8 +14,6 @@ from relay.history.store import History
 from relay.spool import cursor, journal
 from relay.spool.layout import HOOKS
 
-POLL = 0.2  # seconds between looks at the journal when it had nothing new
-
 
 def catch_up(history: History, directory: Path) -> int:
     """Take in every complete event not yet taken in; how many were new."""
@@ -55,14 +53,9 @@ async def follow(
     """Keep the history caught up with the journal until stop is set, calling taken() after
     new events are in; prune at the start and once an hour (retention() read each time: a
     reload may change it)."""
-    next_prune = 0.0
-    while not stop.is_set():
-        added = await asyncio.to_thread(catch_up, history, directory)
-        if added:
-            taken()
-        if time.monotonic() >= next_prune:
-            await asyncio.to_thread(prune, history, directory, retention())
-            next_prune = time.monotonic() + 3600.0
-        if not added:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL)
+    await cursor.follow(
+        lambda: catch_up(history, directory),
+        lambda: prune(history, directory, retention()),
+        stop,
+        taken,
+    )

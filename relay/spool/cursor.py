@@ -5,9 +5,11 @@ never skips one."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,32 @@ def catch_up(reader: Reader, directory: Path, take: Take) -> int:
             added += take(path.name, events, after)
             offset = after
     return added
+
+
+POLL = 0.2  # seconds between looks at the journal when it had nothing new
+PRUNE_EVERY = 3600.0
+
+
+async def follow(
+    catch_up: Callable[[], int],
+    prune: Callable[[], bool | None],
+    stop: asyncio.Event,
+    taken: Callable[[], None] = lambda: None,
+) -> None:
+    """A journal reader's loop until stop is set: catch_up() (in a thread; how many events
+    were new), taken() after new ones, prune() at the start and once an hour (again at the next
+    look when it answers False), and a wait of POLL when nothing was new."""
+    next_prune = 0.0
+    while not stop.is_set():
+        added = await asyncio.to_thread(catch_up)
+        if added:
+            taken()
+        due = time.monotonic() >= next_prune
+        if due and await asyncio.to_thread(prune) is not False:
+            next_prune = time.monotonic() + PRUNE_EVERY
+        if not added:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), POLL)
 
 
 def wanted_by_others(readers: Path, file: str, size: int, since: float) -> bool:

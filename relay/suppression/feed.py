@@ -6,7 +6,6 @@ an on_hold (docs/suppression.md "Automatic entries")."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -23,8 +22,6 @@ from relay.spool import cursor, journal
 from relay.suppression import store
 from relay.suppression.store import HARD_BOUNCE, ON_HOLD, SHARED, Entry
 
-POLL = 0.2  # seconds between looks at the journal when it had nothing new
-PRUNE_EVERY = 3600.0
 # What a permanent failure must say to suppress its address: it or its domain does not exist
 # (policy and spam blocks say nothing about the address).
 HARD = frozenset({INVALID_RECIPIENT, BAD_DOMAIN})
@@ -161,17 +158,22 @@ def _seconds(event: dict[str, Any]) -> float:
 
 async def follow(feed: Feed, directory: Path, stop: asyncio.Event) -> None:
     """Keep the automatic entries caught up with the journal until stop is set; prune at the
-    start and once an hour."""
-    next_prune = 0.0
-    while not stop.is_set():
+    start and once an hour. A writer that held the file too long is logged and tried again
+    at the next look."""
+
+    def catch_up() -> int:
         try:
-            read = await asyncio.to_thread(cursor.catch_up, feed, directory, feed.take)
-            if time.monotonic() >= next_prune:
-                await asyncio.to_thread(feed.prune, directory, time.time())
-                next_prune = time.monotonic() + PRUNE_EVERY
-        except sqlite3.Error as exc:  # a writer held the file too long: try again shortly
+            return cursor.catch_up(feed, directory, feed.take)
+        except sqlite3.Error as exc:
             logs.failure("suppression", exc)
-            read = 0
-        if not read:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), POLL)
+            return 0
+
+    def prune() -> bool:
+        try:
+            feed.prune(directory, time.time())
+        except sqlite3.Error as exc:
+            logs.failure("suppression", exc)
+            return False
+        return True
+
+    await cursor.follow(catch_up, prune, stop)
