@@ -17,6 +17,7 @@ import pytest
 
 from tests.support.daemon import Relay, RelayFactory, merge
 from tests.support.dns import DnsServer
+from tests.support.load import journal
 from tests.support.mx import ACCEPT, MxSink, Received
 
 SENDER = "app@sender.test"
@@ -52,13 +53,6 @@ def report(got: Received) -> tuple[EmailMessage, dict[str, str], list[dict[str, 
     assert status.get_content_type() == "message/delivery-status"
     first, *rcpts = [dict(block.items()) for block in status.get_payload()]
     return dsn, first, rcpts
-
-
-def journal(daemon: Relay) -> list[dict[str, Any]]:
-    """Every event in the spool's journal files."""
-    lines = (line for path in sorted((daemon.spool / "events").glob("*.jsonl"))
-             for line in path.read_text().splitlines())  # fmt: skip
-    return [json.loads(line) for line in lines if line]
 
 
 def quiet(daemon: Relay, sink: MxSink, seconds: float = 1.5) -> None:
