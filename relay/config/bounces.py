@@ -11,11 +11,9 @@ from typing import Any
 from relay.config.idempotency import window
 from relay.config.schema import option
 from relay.config.values import boolean, count
-from relay.mail.address import DOMAIN
+from relay.mail.address import MAILBOX
 
-# A plain mailbox: a dot-atom local part, @, a domain (what a DSN can be sent to).
-ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-MAILBOX_RE = re.compile(rf"^{ATOM}(?:\.{ATOM})*@{DOMAIN}$")
+MAILBOX_RE = re.compile(rf"^{MAILBOX}$")  # what a DSN can be sent to
 
 
 def mailbox(value: Any) -> str:

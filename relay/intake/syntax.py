@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import re
 
-from relay.mail.address import DOMAIN
+from relay.mail.address import MAILBOX
 
 REPLY_CONTROL_CHARACTER = "500 5.5.2 Syntax error: control character in command"
 REPLY_NOT_UTF8 = "500 5.5.2 Syntax error: command is not valid UTF-8"
 REPLY_UNBALANCED = "501 5.5.4 Syntax error in parameters: unbalanced < >"
 REPLY_CONTROL_IN_PARAMETER = "501 5.5.4 Syntax error in parameters: control character"
 CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all C0 controls but TAB, and DEL
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # The path nearly every client sends: <dot-atom@host name>, then nothing or a space and the
 # parameters. Anything else (quoted or UTF-8 local parts, address literals, comments, <>)
 # goes to aiosmtpd's RFC 5322 parser.
 PLAIN_PATH = re.compile(
-    rf"<(?P<addr>{_ATOM}(?:\.{_ATOM})*@{DOMAIN})>(?: +(?P<rest>[^ \t(].*))?\Z",
+    rf"<(?P<addr>{MAILBOX})>(?: +(?P<rest>[^ \t(].*))?\Z",
     re.S,
 )
 

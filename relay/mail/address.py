@@ -13,6 +13,9 @@ def _label(chars: str) -> str:
 
 LABEL = _label("A-Za-z0-9")
 DOMAIN = rf"{LABEL}(?:\.{LABEL})*"
+ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
+# A plain mailbox: a dot-atom local part, @, a host name (no quoting, no address literal).
+MAILBOX = rf"{ATOM}(?:\.{ATOM})*@{DOMAIN}"
 HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){DOMAIN}\.?$")
 # A domain as RFC 6531 §3.3 allows it after SMTPUTF8: the same labels with UTF-8 letters too.
 UTF8_LABEL = _label(r"A-Za-z0-9\u0080-\U0010ffff")
