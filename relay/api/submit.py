@@ -5,7 +5,6 @@ reply becomes the HTTP answer (docs/api.md "Submitting")."""
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -21,7 +20,7 @@ from relay.api.auth import tenant
 from relay.api.problems import Problem
 from relay.api.spec import Answer, Route, problem, ref
 from relay.config import Config
-from relay.intake import directives
+from relay.intake import directives, handoff
 from relay.mail.events import DEFAULT_TENANT, iso
 from relay.spool.run import SUBMIT_SOCKET
 
@@ -86,33 +85,21 @@ async def hand_over(request: web.Request, owner: str, sub: compose.Submission) -
     """One SMTP transaction on the intake's socket, authenticated as owner (SASL EXTERNAL);
     the 250's text, or Refused; 503 when the intake cannot be reached."""
     path = request.app[live.SPOOL].socket_address(SUBMIT_SOCKET)
-    smtp = aiosmtplib.SMTP(socket_path=path, local_hostname="api", timeout=HANDOFF_TIMEOUT)
     try:
-        await smtp.connect()
-        await smtp.ehlo()
-        await expect(smtp.execute_command(b"AUTH", b"EXTERNAL", encode(owner)), 235)
-        await smtp.mail(sub.sender, options=["SMTPUTF8"] if sub.smtputf8 else [])
-        for recipient in sub.recipients:
-            await smtp.rcpt(recipient)
-        answer = await smtp.data(sub.data)
+        smtp = await handoff.session(path, "api", owner, HANDOFF_TIMEOUT)
+        try:
+            await smtp.mail(sub.sender, options=["SMTPUTF8"] if sub.smtputf8 else [])
+            for recipient in sub.recipients:
+                await smtp.rcpt(recipient)
+            answer = await smtp.data(sub.data)
+        finally:
+            smtp.close()
     except aiosmtplib.SMTPResponseException as exc:
         raise Refused(exc.code, exc.message) from None
     except (aiosmtplib.SMTPException, OSError) as exc:
         raise Problem(503, f"the relay's intake could not take the message now ({exc}); "
                       "try again", headers={"Retry-After": RETRY_AFTER}) from None  # fmt: skip
-    finally:
-        smtp.close()
     return answer.message
-
-
-async def expect(reply: Any, code: int) -> None:
-    answer = await reply
-    if answer.code != code:
-        raise Refused(answer.code, answer.message)
-
-
-def encode(text: str) -> bytes:
-    return base64.b64encode(text.encode("utf-8"))
 
 
 async def accepted(request: web.Request, reply: str) -> web.Response:

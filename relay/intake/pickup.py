@@ -6,18 +6,20 @@ goes to rejected/, never lost (docs/sendmail.md)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import email.utils
 import os
 import pwd
 import re
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 import aiosmtplib
 
 from relay import config
+from relay.intake import handoff
 from relay.intake.handler import MAILDROP_HELO
 from relay.mail.dsnparams import xtext_encode
 from relay.observe import logs
@@ -30,6 +32,7 @@ AGAIN = 10.0  # a file the intake answered 4xx is tried again after this long
 TIMEOUT = 60.0
 KEY = b"x-relay-idempotency-key:"
 QUEUED = re.compile(r"queued as (\S+)")
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -122,12 +125,9 @@ class Pickup:
         5xx (or every recipient refused), aiosmtplib's errors for what may pass."""
         envelope = dropped.envelope
         path = self.spool.socket_address(SUBMIT_SOCKET)
-        smtp = aiosmtplib.SMTP(socket_path=path, local_hostname=MAILDROP_HELO, timeout=TIMEOUT)
+        tenant = self.cfg.sendmail.tenant
+        smtp = await checked(handoff.session(path, MAILDROP_HELO, tenant, TIMEOUT))
         try:
-            await smtp.connect()
-            await smtp.ehlo()
-            tenant = base64.b64encode(self.cfg.sendmail.tenant.encode()).decode()
-            await checked(smtp.execute_command(b"AUTH", b"EXTERNAL", tenant.encode()))
             await checked(smtp.mail(envelope.sender, options=mail_options(envelope)))
             await self.recipients(smtp, envelope)
             answer = await checked(smtp.data(prepared(dropped, self.cfg.smtp.hostname)))
@@ -149,14 +149,16 @@ class Pickup:
             raise Refused("; ".join(refused))
 
 
-async def checked(reply: object) -> aiosmtplib.SMTPResponse:
+async def checked(reply: Awaitable[T]) -> T:
     """Await an aiosmtplib call; a 5xx is Refused, a 4xx raises as aiosmtplib does."""
     try:
-        answer: aiosmtplib.SMTPResponse = await reply  # type: ignore[misc]
+        answer = await reply
     except aiosmtplib.SMTPResponseException as exc:
         if 500 <= exc.code < 600:
             raise Refused(f"{exc.code} {exc.message}") from None
         raise
+    if not isinstance(answer, aiosmtplib.SMTPResponse):
+        return answer  # a session, not a reply
     if answer.code >= 500:
         raise Refused(f"{answer.code} {answer.message}")
     if answer.code >= 400:
