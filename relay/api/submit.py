@@ -35,7 +35,6 @@ class Current:
 CONFIG = web.AppKey("config", Current)
 HANDOFF_TIMEOUT = 60.0  # the intake's answer to one message (its durable write included)
 RETRY_AFTER = "5"  # seconds, when the intake cannot take the message now
-QUEUED_RE = re.compile(r"queued as (\S+)(?: (replayed)| (\w+) ([\d.]+))?")
 RETRY_AT_RE = re.compile(r"try again after (\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ)")
 REPLAYED = "Idempotent-Replayed"
 
@@ -105,7 +104,7 @@ async def hand_over(request: web.Request, owner: str, sub: compose.Submission) -
 async def accepted(request: web.Request, reply: str) -> web.Response:
     """202: the new message's id, why it waits and until when; a replay answers the same for
     the key's message as it now stands, with Idempotent-Replayed: true."""
-    found = QUEUED_RE.search(reply)
+    found = handoff.QUEUED_RE.search(reply)
     if found is None:
         raise Problem(503, f"the intake's answer was not understood: {reply[:80]!r}")
     msg_id, replayed, status, at = found.groups()

@@ -5,10 +5,14 @@ API's POST /v1/messages, the maildrop's pickup), so that their mail takes the SM
 from __future__ import annotations
 
 import base64
+import re
 
 import aiosmtplib
 
 AUTHENTICATED = 235
+# The intake's 250 on this socket: the id, then "replayed" or why the message waits and until
+# when (relay/intake/handler.py).
+QUEUED_RE = re.compile(r"queued as (\S+)(?: (replayed)| (\w+) ([\d.]+))?")
 
 
 async def session(path: str, helo: str, tenant: str, timeout: float) -> aiosmtplib.SMTP:

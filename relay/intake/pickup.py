@@ -10,7 +10,6 @@ import contextlib
 import email.utils
 import os
 import pwd
-import re
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -31,7 +30,6 @@ POLL = 0.5  # seconds between looks at the maildrop
 AGAIN = 10.0  # a file the intake answered 4xx is tried again after this long
 TIMEOUT = 60.0
 KEY = b"x-relay-idempotency-key:"
-QUEUED = re.compile(r"queued as (\S+)")
 T = TypeVar("T")
 
 
@@ -107,7 +105,7 @@ class Pickup:
             return
         await asyncio.to_thread(path.unlink)
         self.later.pop(path.name, None)
-        queued = QUEUED.search(reply)
+        queued = handoff.QUEUED_RE.search(reply)
         queue_id = queued.group(1) if queued else reply
         logs.event("picked_up", file=path.name, id=queue_id, uid=dropped.uid,
                    user=user_of(dropped.uid))  # fmt: skip
