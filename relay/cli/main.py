@@ -8,14 +8,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from relay import config
-from relay.cli import admin, history, queue, sendmail, suppress, token, webhook
+from relay.cli import sendmail, suppress, token
 from relay.cli.fail import EX_CONFIG, EX_USAGE, Fail
-from relay.daemon import supervisor as daemon
-from relay.ops import control
-from relay.spool.store import Spool, SpoolError
+
+if TYPE_CHECKING:
+    from relay.spool.store import Spool
+
+# Each command imports the modules it runs when it runs (run()): `relay queue list` does not
+# load the daemon, the API or the delivery stage, so an operator's command answers in a
+# fraction of a second.
 
 DEFAULT_CONFIG = "/etc/relay/relay.yaml"
 ACTIONS = {"queue": ("flush", "delete", "hold", "release"), "dlq": ("requeue", "delete")}
@@ -60,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(  # main() hands it sendmail's own flags before argparse sees them
         "sendmail", help="sendmail(8): a message on stdin into the maildrop (-t -i -f ...)"
     )
-    sub.add_parser("worker", parents=[common]).add_argument("role", choices=daemon.ROLES)
+    sub.add_parser("worker", parents=[common]).add_argument("role")  # checked by run()
     add_user_commands(sub, common)
     add_token_commands(sub, common)
     add_webhook_commands(sub, common)
@@ -189,47 +193,61 @@ def run(args: argparse.Namespace) -> int:
         cfg = config.load(config_file)
     except config.ConfigError as exc:
         raise Fail(f"configuration error: {exc}", EX_CONFIG) from None
-    if args.command == "check-config":
-        return admin.check_config(config_file, cfg)
-    if args.command == "serve":
-        try:
-            return daemon.serve(config_file, cfg)
-        except daemon.StartupError as exc:
-            raise Fail(str(exc)) from None
-        except config.ConfigError as exc:
-            raise Fail(f"configuration error: {exc}", EX_CONFIG) from None
-    if args.command == "worker":
-        return daemon.worker(args.role, config_file, cfg)
-    if args.command == "user":
-        return admin.manage_users(cfg, args)
+    if args.command in ("serve", "worker", "check-config", "user", "dkim"):
+        return run_admin(args, config_file, cfg)
     if args.command == "token":
         return token.manage_tokens(cfg, args)
     if args.command == "webhook":
+        from relay.cli import webhook
+
         return webhook.manage_webhooks(cfg, args)
     if args.command == "suppress":
         return suppress.manage(cfg, args)
+    return run_on_spool(args, cfg)
+
+
+def run_admin(args: argparse.Namespace, config_file: str | None, cfg: config.Config) -> int:
+    """The daemon's own commands (serve, worker) and those of relay.cli.admin."""
+    from relay.cli import admin
+    from relay.daemon import supervisor as daemon
+
+    if args.command == "check-config":
+        return admin.check_config(config_file, cfg)
+    if args.command == "user":
+        return admin.manage_users(cfg, args)
     if args.command == "dkim":
         return admin.dkim_keygen(args)
+    if args.command == "worker":
+        if args.role not in daemon.ROLES:
+            raise Fail(f"worker: unknown role {args.role!r} (one of {', '.join(daemon.ROLES)})",
+                       EX_USAGE)  # fmt: skip
+        return daemon.worker(args.role, config_file, cfg)
+    try:
+        return daemon.serve(config_file, cfg)
+    except daemon.StartupError as exc:
+        raise Fail(str(exc)) from None
+    except config.ConfigError as exc:
+        raise Fail(f"configuration error: {exc}", EX_CONFIG) from None
+
+
+def run_on_spool(args: argparse.Namespace, cfg: config.Config) -> int:
+    """The queue, dlq and history commands, on the spool of cfg."""
+    from relay.cli import history, queue
+    from relay.ops import control
+    from relay.spool.store import Spool, SpoolError
+
     spool = Spool(cfg.spool.path)
     if not spool.root.is_dir():
         raise Fail(f"spool {spool.root} does not exist (has the relay run with this config?)")
+    commands: dict[tuple[str, str], Callable[[Spool, argparse.Namespace], int]] = {
+        ("history", "rebuild"): history.rebuild,
+        ("queue", "list"): queue.list_entries,
+        ("queue", "show"): queue.show,
+        ("queue", "summary"): queue.queue_summary,
+        ("dlq", "list"): queue.list_entries,
+        ("dlq", "show"): queue.show,
+    }
     try:
-        return COMMANDS[(args.command, args.action)](spool, args)
+        return commands.get((args.command, args.action), queue.act)(spool, args)
     except (OSError, SpoolError, control.ControlError) as exc:
         raise Fail(str(exc)) from None
-
-
-COMMANDS: dict[tuple[str, str], Callable[[Spool, argparse.Namespace], int]] = {
-    ("history", "rebuild"): history.rebuild,
-    ("queue", "list"): queue.list_entries,
-    ("queue", "show"): queue.show,
-    ("queue", "summary"): queue.queue_summary,
-    ("queue", "flush"): queue.act,
-    ("queue", "delete"): queue.act,
-    ("queue", "hold"): queue.act,
-    ("queue", "release"): queue.act,
-    ("dlq", "list"): queue.list_entries,
-    ("dlq", "show"): queue.show,
-    ("dlq", "requeue"): queue.act,
-    ("dlq", "delete"): queue.act,
-}

@@ -59,13 +59,24 @@ class Operations:
     async def operate(self, op: str, target: str, domain: str | None) -> Result:
         """flush, delete, hold or release target ("ALL" or an id), optionally only where a
         recipient domain still has pending recipients. A message in flight is acted on when
-        its attempt ends, so it is delivered or deleted, never both."""
+        its attempt ends, so it is delivered or deleted, never both. The messages not in flight
+        go first, one by one; those in flight are waited for together, so ALL takes at most
+        one attempt's time, not the sum of them."""
+        ids = expand(target, lambda: sorted(self.index.entries))
+        idle = [i for i in ids if not self._running(i)]
+        outcome = {i: await self._operate_one(op, i, domain) for i in idle}
+        flying = [i for i in ids if i not in outcome]
+        ended = await asyncio.gather(*(self._operate_one(op, i, domain) for i in flying))
+        outcome.update(zip(flying, ended, strict=True))
         result: Result = {"done": [], "busy": [], "missing": [], "gone": []}
-        for msg_id in expand(target, lambda: sorted(self.index.entries)):
-            outcome = await self._operate_one(op, msg_id, domain)
-            if outcome in result:
-                result[outcome].append(msg_id)
+        for msg_id in ids:
+            if outcome[msg_id] in result:
+                result[outcome[msg_id]].append(msg_id)
         return result
+
+    def _running(self, msg_id: str) -> bool:
+        entry = self.index.get(msg_id)
+        return entry is not None and entry.running
 
     async def _operate_one(self, op: str, msg_id: str, domain: str | None) -> str:
         known = msg_id in self.index
@@ -162,8 +173,7 @@ class Operations:
     async def _settled(self, msg_id: str) -> bool:
         """Wait for msg_id's attempt in flight, if any, to end; False if it is still running
         after SETTLE_TIMEOUT."""
-        entry = self.index.get(msg_id)
-        if entry is None or not entry.running:
+        if not self._running(msg_id):
             return True
         waiter = asyncio.get_running_loop().create_future()
         self.waiters[msg_id].append(waiter)

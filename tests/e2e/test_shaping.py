@@ -144,4 +144,8 @@ def test_listing_says_why_each_message_waits(relay: RelayFactory, sink: MxSink) 
     assert daemon.metric("relay_queue_messages", state="scheduled") == 1
     # One of the three is always in its 8 s attempt, but between two of them none is.
     eventually(lambda: daemon.metric("relay_queue_messages", state="active") == 1)
-    daemon.cli("queue", "delete", "ALL")
+    # ALL deletes what waits at once; the one in its attempt ends first (delivered, not deleted),
+    # and none of the others starts meanwhile
+    out = daemon.cli("queue", "delete", "ALL").stdout
+    assert "relay: deleted 6 messages" in out and "finished during its delivery attempt" in out
+    assert len(sink.received) == 1 and daemon.cli_json("queue", "list") == []
