@@ -115,9 +115,10 @@ class Supervisor:
         self.spool = spool
         self.metrics_dir = spool.run_path("metrics")
         self.signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
-        # The workers this daemon runs (the API's only while api.listen is set, the webhook
-        # sender's only while webhooks are configured; both restart-only).
-        wanted = {"api": cfg.api.listen is not None, "hooks": bool(cfg.webhooks)}
+        # The workers this daemon runs: the webhook sender's only while webhooks are configured
+        # (restart-only). The API worker always runs: it keeps the history and the automatic
+        # suppressions and prunes the journal, and serves HTTP while api.listen is set.
+        wanted = {"hooks": bool(cfg.webhooks)}
         self.roles = tuple(r for r in ROLES if wanted.get(r, True))
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self.ready: set[str] = set()

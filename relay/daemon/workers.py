@@ -34,10 +34,10 @@ from relay.suppression.feed import Feed
 from relay.suppression.store import path_of
 
 if TYPE_CHECKING:
+    from relay.api.app import Server
     from relay.hooks.service import Webhooks
 
-ROLES = ("intake", "scheduler", "api", "hooks")  # api while api.listen is set, hooks while
-# webhooks are configured
+ROLES = ("intake", "scheduler", "api", "hooks")  # hooks while webhooks are configured
 STATUS_FD = "RELAY_STATUS_FD"
 SUPERVISOR_PID = "RELAY_SUPERVISOR_PID"
 PR_SET_PDEATHSIG = 1
@@ -200,37 +200,36 @@ async def _retry_bind(role: str, bind: Callable[[], Coroutine[Any, Any, T]]) -> 
 
 
 async def run_api(w: Worker) -> int:
-    """The HTTP API on api.listen; its own process, so that no request slows mail down."""
-    # Imported here: aiohttp costs the other workers 16 MiB and a quarter second each.
-    from relay.api.app import Server
-
+    """The journal's readers (the history, the automatic suppressions, the journal's pruning)
+    and, while api.listen is set, the HTTP API; its own process, so that no request slows
+    mail down."""
     w.listen_for_signals()
     listen = w.cfg.api.listen
     history = History(w.spool.history_path)
-    server = Server(w.cfg, history)
-    if listen is not None and await _retry_bind("api", lambda: server.start(*listen)) is None:
-        await server.stop()
+    server = None if listen is None else await _serve_api(w.cfg, history, listen)
+    if listen is not None and server is None:
         history.close()
         return 1
     done = asyncio.Event()
+    taken = (lambda: None) if server is None else server.feed.taken
     following = asyncio.ensure_future(
-        ingest.follow(
-            history, w.spool.events_dir, lambda: w.cfg.events.retention, done, server.feed.taken
-        )
+        ingest.follow(history, w.spool.events_dir, lambda: w.cfg.events.retention, done, taken)
     )
     # The automatic suppression entries: a second reader of the same journal (its own file).
     feed = Feed(path_of(w.spool.history_path), lambda: w.cfg.suppression)
     feeding = asyncio.ensure_future(suppression_feed.follow(feed, w.spool.events_dir, done))
-    # api.listen emptied since the start (restart-only): this process serves nothing.
+    # No api.listen (restart-only): no HTTP, the journal's readers only.
     w.ready(listen=f"{listen[0]}:{listen[1]}" if listen else None)
     beat = asyncio.ensure_future(w.heartbeat())
 
     async def reload(cfg: config.Config) -> None:
-        server.reconfigure(cfg)
+        if server is not None:
+            server.reconfigure(cfg)
 
     await w.until_stop(reload)
     logs.event("stopping", grace=w.cfg.lifecycle.grace)
-    await server.stop()  # requests in flight finish, up to the grace period
+    if server is not None:
+        await server.stop()  # requests in flight finish, up to the grace period
     done.set()
     await following
     await feeding
@@ -239,6 +238,20 @@ async def run_api(w: Worker) -> int:
     beat.cancel()
     logs.event("stopped")
     return 0
+
+
+async def _serve_api(
+    cfg: config.Config, history: History, listen: tuple[str, int]
+) -> Server | None:
+    """The HTTP API listening on listen, or None (logged) if it cannot bind. Imported here:
+    aiohttp costs a worker 16 MiB and a quarter second."""
+    from relay.api.app import Server
+
+    server = Server(cfg, history)
+    if await _retry_bind("api", lambda: server.start(*listen)) is None:
+        await server.stop()
+        return None
+    return server
 
 
 async def run_hooks(w: Worker) -> int:

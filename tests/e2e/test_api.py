@@ -47,14 +47,21 @@ def test_the_api_listens_in_a_process_of_its_own(relay: RelayFactory, tmp_path: 
 
 
 def test_an_empty_api_listen_turns_the_api_off(relay: RelayFactory, sink: MxSink) -> None:
+    sink.script_rcpt("gone@a.test", "550 5.1.1 <gone@a.test>: no such user")
     daemon = relay({"api": {"listen": ""}})
     assert daemon.api_url is None
     [ready] = daemon.events("ready", process="supervisor")
     assert ready["api"] is None
-    assert not daemon.events("started", role="api")
-    assert daemon.get("/readyz") == (200, "ready\n")  # not waiting for a worker it never runs
-    daemon.send(["user@a.test"])
+    [worker] = daemon.events("ready", process="api")  # the journal's readers, no HTTP
+    assert worker["listen"] is None
+    assert daemon.get("/readyz") == (200, "ready\n")
+    daemon.send(["user@a.test", "gone@a.test"])
     sink.wait_for(1)
+    # without the API, a hard bounce still puts its address on the suppression list
+    def hard_bounced() -> list[str]:
+        return [e["address"] for e in daemon.cli_json("suppress", "list", "--kind", "hard_bounce")]
+
+    eventually(lambda: "gone@a.test" in hard_bounced(), timeout=10)
 
 
 def test_tokens_made_with_the_cli_scopes_and_tenants(relay: RelayFactory, tmp_path: Path) -> None:
