@@ -57,6 +57,7 @@ def test_an_empty_api_listen_turns_the_api_off(relay: RelayFactory, sink: MxSink
     assert daemon.get("/readyz") == (200, "ready\n")
     daemon.send(["user@a.test", "gone@a.test"])
     sink.wait_for(1)
+
     # without the API, a hard bounce still puts its address on the suppression list
     def hard_bounced() -> list[str]:
         return [e["address"] for e in daemon.cli_json("suppress", "list", "--kind", "hard_bounce")]
