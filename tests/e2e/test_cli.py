@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Relay, RelayFactory
+from tests.support.daemon import Relay, RelayFactory, eventually
 from tests.support.mx import MxSink
 
 HOUR = {"delivery": {"retry": {"schedule": ["1h"]}}}
@@ -80,6 +80,9 @@ def test_dead_letters_requeue_and_delete(relay: RelayFactory, sink: MxSink) -> N
     daemon.wait_event("dead_lettered", count=2)
     assert {e["id"] for e in daemon.cli_json("dlq", "list")} == {first, second}
     sink.script_rcpt("a@a.test", "250 2.1.5 ok")  # the operator fixed the mailbox
+    # and lifts the suppression its hard bounce made (else the requeued copy is dropped)
+    eventually(lambda: "a@a.test" in daemon.cli("suppress", "list").stdout)
+    daemon.cli("suppress", "delete", "a@a.test")
     assert "requeued 1 message" in daemon.cli("dlq", "requeue", first).stdout
     sink.wait_for(1)
     assert sink.recipients() == ["a@a.test"]
