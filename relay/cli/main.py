@@ -236,6 +236,7 @@ def run_on_spool(args: argparse.Namespace, cfg: config.Config) -> int:
     from relay.ops import control
     from relay.spool.store import Spool, SpoolError
 
+    args.suppression = cfg.suppression  # dlq requeue names the recipients still suppressed
     spool = Spool(cfg.spool.path)
     if not spool.root.is_dir():
         raise Fail(f"spool {spool.root} does not exist (has the relay run with this config?)")

@@ -4,14 +4,17 @@ show, summary and the actions on messages) and their rendering."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from relay.cli.fail import EX_USAGE, Fail
+from relay.config.suppression import SuppressionConfig
 from relay.mail.category import categorize
 from relay.mail.target import ALL, expand
 from relay.mail.waiting import waiting_state
@@ -19,7 +22,9 @@ from relay.ops import control, summary
 from relay.schedule.actions import PAST
 from relay.spool.layout import DEAD, QUEUE
 from relay.spool.message import Message, Recipient, is_id
-from relay.spool.store import Spool, iter_messages
+from relay.spool.store import Spool, SpoolError, iter_messages
+from relay.suppression.check import Check, since
+from relay.suppression.store import path_of
 
 # --- listing ----------------------------------------------------------------------------------
 
@@ -191,6 +196,10 @@ def checked_id(text: str | None, *, allow_all: bool) -> str:
     return text
 
 
+STILL_SUPPRESSED = ("relay: suppressed, so dropped again before any attempt unless lifted with"
+                    " `relay suppress delete ADDRESS`: ")  # fmt: skip
+
+
 def act(spool: Spool, args: argparse.Namespace) -> int:
     """Queue and dead-letter actions, through the daemon (or the spool if it is stopped)."""
     domain, batch = getattr(args, "domain", None), getattr(args, "batch", None)
@@ -206,8 +215,33 @@ def act(spool: Spool, args: argparse.Namespace) -> int:
     if (args.command, args.action) == ("dlq", "delete"):
         result = delete_dead(spool, target)
     else:
+        still = []
+        if (args.command, args.action) == ("dlq", "requeue"):
+            still = suppressed_dead(spool, args.suppression, target)
         result = control.request(spool, args.action, target, domain)
+        if still:
+            print(STILL_SUPPRESSED + ", ".join(still), file=sys.stderr)
     return report(args.action, target, result)
+
+
+def suppressed_dead(spool: Spool, cfg: SuppressionConfig, target: str) -> list[str]:
+    """'address (kind since day)' for each failed recipient of the dead letters target names
+    that a suppression list would drop again once requeued."""
+    path = path_of(spool.history_path)
+    if not path.exists():
+        return []
+    check, found = Check(path), []
+    try:
+        for msg_id in expand(target, lambda: spool.ids(DEAD)):
+            with contextlib.suppress(SpoolError):
+                msg = spool.load(msg_id, DEAD)
+                for rcpt in msg.failed():
+                    entry = check.find(cfg, msg.tenant, rcpt.address)
+                    if entry is not None:
+                        found.append(f"{rcpt.address} ({entry.kind} since {since(entry)})")
+    finally:
+        check.close()
+    return found
 
 
 def act_on_batch(spool: Spool, args: argparse.Namespace, batch: str, domain: str | None) -> int:

@@ -83,7 +83,8 @@ def test_dead_letters_requeue_and_delete(relay: RelayFactory, sink: MxSink) -> N
     # and lifts the suppression its hard bounce made (else the requeued copy is dropped)
     eventually(lambda: "a@a.test" in daemon.cli("suppress", "list").stdout)
     daemon.cli("suppress", "delete", "a@a.test")
-    assert "requeued 1 message" in daemon.cli("dlq", "requeue", first).stdout
+    requeued = daemon.cli("dlq", "requeue", first)
+    assert "requeued 1 message" in requeued.stdout and requeued.stderr == ""
     sink.wait_for(1)
     assert sink.recipients() == ["a@a.test"]
     assert [e["id"] for e in daemon.cli_json("dlq", "list")] == [second]

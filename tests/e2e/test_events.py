@@ -119,8 +119,10 @@ def test_a_bounce_is_dead_lettered_and_a_requeue_journaled(
     )
     # Its hard bounce suppressed the address: the requeued copy is dropped before any attempt
     # (tests/e2e/test_cli.py lifts the entry first and gets it delivered).
-    daemon.wait_event("suppression_added", process="api")
-    daemon.cli("dlq", "requeue", queue_id)
+    [added] = daemon.wait_event("suppression_added", process="api")
+    warned = daemon.cli("dlq", "requeue", queue_id).stderr  # the CLI says so
+    assert "dropped again before any attempt unless lifted" in warned
+    assert f"no@a.test (hard_bounce since {added['timestamp'][:10]})" in warned
     daemon.wait_event("suppressed", id=queue_id, rcpt="no@a.test")
     requeued, suppressed = of(daemon, queue_id)[4:]
     assert (requeued["event"], requeued["rcpts"]) == ("requeued", ["no@a.test"])
