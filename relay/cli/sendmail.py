@@ -189,7 +189,11 @@ def prepare(opts: Options, raw: bytes, cfg: config.Config, user: str) -> Prepare
     kept = [text for name, text in parsed if name not in ("bcc", "resent-bcc")]
     names = {name for name, _ in parsed}
     added = missing(names, sender or f"MAILER-DAEMON@{domain}", opts.full_name, domain)
-    return Prepared(sender, list(dict.fromkeys(rcpts)), b"".join(kept) + added + body)
+    rcpts = list(dict.fromkeys(rcpts))
+    if len(rcpts) > cfg.smtp.max_recipients:  # the intake would answer the rest 452, forever
+        raise Fail(f"sendmail: {len(rcpts)} recipients, more than smtp.max_recipients "
+                   f"({cfg.smtp.max_recipients})", EX_DATAERR)  # fmt: skip
+    return Prepared(sender, rcpts, b"".join(kept) + added + body)
 
 
 def qualified(address: str, domain: str) -> str:

@@ -137,6 +137,9 @@ class Pickup:
         """RCPT for each; a refused one is logged (the intake's `rejected` line says why), and
         only when every one is refused is the file."""
         options = [f"NOTIFY={','.join(envelope.notify)}"] if envelope.notify else []
+        if len(envelope.recipients) > self.cfg.smtp.max_recipients:  # else 452s, tried forever
+            raise Refused(f"{len(envelope.recipients)} recipients, more than "
+                          f"smtp.max_recipients ({self.cfg.smtp.max_recipients})")  # fmt: skip
         refused = []
         for rcpt in envelope.recipients:
             try:

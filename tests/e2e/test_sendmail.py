@@ -176,13 +176,13 @@ def test_cron_pipe_while_the_daemon_is_down(
     assert waiting(daemon) == []
 
 
-def without_recipients(dropped: Path) -> bytes:
-    """A file like dropped (relay-sendmail's own) whose envelope lists no recipient."""
+def with_recipients(dropped: Path, rcpts: list[str]) -> bytes:
+    """A file like dropped (relay-sendmail's own) whose envelope lists rcpts instead."""
     line, _, data = dropped.read_bytes().partition(b"\n")
     envelope: dict[str, Any] = json.loads(line)
-    emptied = [key for key, value in envelope.items() if value == ["good@a.test"]]
-    assert emptied, f"no recipient list in the envelope line {envelope}"
-    return json.dumps({**envelope, **{key: [] for key in emptied}}).encode() + b"\n" + data
+    changed = [key for key, value in envelope.items() if value == ["good@a.test"]]
+    assert changed, f"no recipient list in the envelope line {envelope}"
+    return json.dumps({**envelope, **{key: rcpts for key in changed}}).encode() + b"\n" + data
 
 
 def place(maildrop: Path, name: str, content: bytes) -> None:
@@ -201,19 +201,24 @@ def test_malformed_files_are_rejected_and_the_good_one_delivered(
     assert good.returncode == 0, good.stderr
     [good_name] = waiting(daemon)
     place(maildrop, "0-garbage", b"\x00\xffnot an envelope\nSubject: x\r\n\r\nx\r\n")
-    place(maildrop, "0-no-recipients", without_recipients(maildrop / good_name))
+    place(maildrop, "0-no-recipients", with_recipients(maildrop / good_name, []))
+    many = [f"u{n}@a.test" for n in range(101)]  # over smtp.max_recipients: not retried forever
+    place(maildrop, "0-too-many", with_recipients(maildrop / good_name, many))
     daemon.start()
     [message] = delivered(daemon, sink, 1)
     assert message.rcpt_tos == ["good@a.test"] and subject(message) == "good"
-    rejected = daemon.wait_event("maildrop_rejected", count=2, timeout=PICKUP)
-    assert sorted(Path(e["file"]).name for e in rejected) == ["0-garbage", "0-no-recipients"]
-    assert all(e["reason"] for e in rejected)
+    rejected = daemon.wait_event("maildrop_rejected", count=3, timeout=PICKUP)
+    reasons = {Path(e["file"]).name: e["reason"] for e in rejected}
+    assert sorted(reasons) == ["0-garbage", "0-no-recipients", "0-too-many"] and all(
+        reasons.values()
+    )
+    assert reasons["0-too-many"] == "101 recipients, more than smtp.max_recipients (100)"
     assert sorted(p.name for p in (maildrop / "rejected").iterdir()) == [
-        "0-garbage", "0-no-recipients",
+        "0-garbage", "0-no-recipients", "0-too-many",
     ]  # fmt: skip
     # While it runs, the daemon watches the maildrop: a bad file dropped now goes the same way.
     place(maildrop, "1-garbage", b"garbage without a line end")
-    [late] = daemon.wait_event("maildrop_rejected", count=3, timeout=PICKUP)[2:]
+    [late] = daemon.wait_event("maildrop_rejected", count=4, timeout=PICKUP)[3:]
     assert Path(late["file"]).name == "1-garbage"
     assert (maildrop / "rejected" / "1-garbage").read_bytes() == b"garbage without a line end"
     assert waiting(daemon) == []
@@ -348,6 +353,7 @@ def test_errors_are_one_line_with_sysexits_codes(relay: RelayFactory, tmp_path: 
         ((), b"Subject: nobody\n\nto no one\n", 65),  # no recipients
         (("-t",), b"Subject: nobody\n\nno To, Cc or Bcc\n", 65),
         (("user@a.test",), b"", 65),  # an empty message
+        (tuple(f"u{n}@a.test" for n in range(101)), b"Subject: x\n\nx\n", 65),  # > max_recipients
         (("--no-such-flag", "user@a.test"), b"Subject: x\n\nx\n", 64),
     ]
     for args, stdin, expected in cases:
