@@ -21,7 +21,7 @@ from playwright.sync_api import Page, expect
 
 from tests.support.api import add_token, assert_problem
 from tests.support.browser import Tab
-from tests.support.daemon import Relay, RelayFactory, api_on
+from tests.support.daemon import Relay, RelayFactory, api_on, eventually
 from tests.support.dns import DnsServer
 from tests.support.mx import MxNet, MxSink
 from tests.support.webhooks import Receiver
@@ -51,12 +51,15 @@ def test_the_page_shows_the_relay_and_a_message_sent_meanwhile_live(
     token = add_token(daemon, "ops")
     before = daemon.send(["early@a.test"])
     sink.wait_for(1)
+    # ended in the queue too (the sink has it a moment before the relay's state is removed)
+    eventually(lambda: daemon.api("GET", f"/v1/messages/{before}", token)[2]["status"]
+               == "delivered")  # fmt: skip
     page = tab.page
     page.goto(f"{daemon.api_url}/?token={token}")
     expect(page.locator("#scheduler")).to_have_text("Scheduler running")
     assert "token" not in page.url  # taken, kept in the tab, and gone from the address
     expect(page.locator("#t-delivered")).to_have_text("1")  # the chart's hour, from history
-    expect(page.locator("#t-queued")).to_have_text("0")
+    expect(page.locator("#t-queued")).to_have_text("0", timeout=10_000)  # a refresh: 5 s
     expect(page.locator("#queue")).to_contain_text("The queue is empty.")
     expect(page.locator("#dead")).to_contain_text("No dead letters.")
     expect(page.locator("#webhooks")).to_contain_text("No webhooks configured.")
