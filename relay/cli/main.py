@@ -4,6 +4,7 @@ command to its module, failing with one line that names the problem."""
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -236,7 +237,6 @@ def run_on_spool(args: argparse.Namespace, cfg: config.Config) -> int:
     from relay.ops import control
     from relay.spool.store import Spool, SpoolError
 
-    args.suppression = cfg.suppression  # dlq requeue names the recipients still suppressed
     spool = Spool(cfg.spool.path)
     if not spool.root.is_dir():
         raise Fail(f"spool {spool.root} does not exist (has the relay run with this config?)")
@@ -247,6 +247,7 @@ def run_on_spool(args: argparse.Namespace, cfg: config.Config) -> int:
         ("queue", "summary"): queue.queue_summary,
         ("dlq", "list"): queue.list_entries,
         ("dlq", "show"): queue.show,
+        ("dlq", "requeue"): functools.partial(queue.requeue, suppression=cfg.suppression),
     }
     try:
         return commands.get((args.command, args.action), queue.act)(spool, args)

@@ -215,13 +215,19 @@ def act(spool: Spool, args: argparse.Namespace) -> int:
     if (args.command, args.action) == ("dlq", "delete"):
         result = delete_dead(spool, target)
     else:
-        still = []
-        if (args.command, args.action) == ("dlq", "requeue"):
-            still = suppressed_dead(spool, args.suppression, target)
         result = control.request(spool, args.action, target, domain)
-        if still:
-            print(STILL_SUPPRESSED + ", ".join(still), file=sys.stderr)
     return report(args.action, target, result)
+
+
+def requeue(spool: Spool, args: argparse.Namespace, suppression: SuppressionConfig) -> int:
+    """`relay dlq requeue` (act), naming on stderr the recipients a suppression list will drop
+    again."""
+    target = args.target and checked_id(args.target, allow_all=True)  # None: act() says so
+    still = suppressed_dead(spool, suppression, target) if target else []
+    status = act(spool, args)
+    if still:
+        print(STILL_SUPPRESSED + ", ".join(still), file=sys.stderr)
+    return status
 
 
 def suppressed_dead(spool: Spool, cfg: SuppressionConfig, target: str) -> list[str]:

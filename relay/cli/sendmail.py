@@ -190,9 +190,8 @@ def prepare(opts: Options, raw: bytes, cfg: config.Config, user: str) -> Prepare
     names = {name for name, _ in parsed}
     added = missing(names, sender or f"MAILER-DAEMON@{domain}", opts.full_name, domain)
     rcpts = list(dict.fromkeys(rcpts))
-    if len(rcpts) > cfg.smtp.max_recipients:  # the intake would answer the rest 452, forever
-        raise Fail(f"sendmail: {len(rcpts)} recipients, more than smtp.max_recipients "
-                   f"({cfg.smtp.max_recipients})", EX_DATAERR)  # fmt: skip
+    if problem := maildrop.too_many(rcpts, cfg.smtp.max_recipients):
+        raise Fail(f"sendmail: {problem}", EX_DATAERR)
     return Prepared(sender, rcpts, b"".join(kept) + added + body)
 
 

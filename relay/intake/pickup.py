@@ -137,9 +137,8 @@ class Pickup:
         """RCPT for each; a refused one is logged (the intake's `rejected` line says why), and
         only when every one is refused is the file."""
         options = [f"NOTIFY={','.join(envelope.notify)}"] if envelope.notify else []
-        if len(envelope.recipients) > self.cfg.smtp.max_recipients:  # else 452s, tried forever
-            raise Refused(f"{len(envelope.recipients)} recipients, more than "
-                          f"smtp.max_recipients ({self.cfg.smtp.max_recipients})")  # fmt: skip
+        if problem := maildrop.too_many(envelope.recipients, self.cfg.smtp.max_recipients):
+            raise Refused(problem)  # a file tried again would be refused again, forever
         refused = []
         for rcpt in envelope.recipients:
             try:

@@ -148,6 +148,14 @@ def envelope_of(header: dict[str, Any]) -> Envelope:
     return Envelope(sender, rcpts, header.get("ret"), header.get("envid"), notify)
 
 
+def too_many(recipients: list[str], limit: int) -> str | None:
+    """Why a message with these recipients cannot be taken in one transaction of the intake
+    (smtp.max_recipients: it would answer the rest 452, at every try), or None."""
+    if len(recipients) <= limit:
+        return None
+    return f"{len(recipients)} recipients, more than smtp.max_recipients ({limit})"
+
+
 def is_text(value: Any) -> bool:
     return isinstance(value, str)
 
